@@ -1,0 +1,184 @@
+"""Run state <-> safetensors + JSON: atomic writes, sha256 integrity, finding the last complete task."""
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .errors import SlcaError
+
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+MODEL_FILE, STATS_FILE, STATE_FILE = "model.safetensors", "stats.safetensors", "state.json"
+
+
+def task_dir_name(task: int) -> str:
+    """Folder of the task with 0-based index ``task``: task-01, task-02, ..."""
+    return f"task-{task + 1:02d}"
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write to a temporary file in the same folder, fsync, then rename over ``path``."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.chmod(tmp, 0o666 & ~_UMASK)
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def _save_tensors(path: Path, tensors: Dict[str, torch.Tensor], metadata: Optional[Dict[str, str]] = None) -> str:
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path), metadata=metadata)
+    with open(path, "rb") as fh:
+        os.fsync(fh.fileno())
+    return sha256_file(path)
+
+
+def rng_state() -> Dict[str, Any]:
+    """Python, NumPy and torch RNG states as JSON-safe values."""
+    np_state = np.random.get_state()
+    return {
+        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
+    }
+
+
+def set_rng_state(state: Dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(torch.from_numpy(np.frombuffer(base64.b64decode(state["torch"]), dtype=np.uint8).copy()))
+
+
+def save_task(run_dir: Path, task: int, model_tensors: Dict[str, torch.Tensor],
+              stats_tensors: Dict[str, torch.Tensor], state: Dict[str, Any]) -> Path:
+    """Write ``task-NN/`` as a whole: files go to a hidden partial folder that is renamed into place last."""
+    final = run_dir / task_dir_name(task)
+    partial = run_dir / f".{final.name}.partial"
+    if partial.exists():
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True)
+    state = dict(state)
+    state["sha256"] = {
+        MODEL_FILE: _save_tensors(partial / MODEL_FILE, model_tensors, {"format": "slca-model"}),
+        STATS_FILE: _save_tensors(partial / STATS_FILE, stats_tensors, {"format": "slca-stats"}),
+    }
+    atomic_write_json(partial / STATE_FILE, state)
+    _fsync_dir(partial)
+    if final.exists():
+        stale = run_dir / f".{final.name}.stale"
+        if stale.exists():
+            shutil.rmtree(stale)
+        os.replace(final, stale)
+        os.replace(partial, final)
+        shutil.rmtree(stale)
+    else:
+        os.replace(partial, final)
+    _fsync_dir(run_dir)
+    return final
+
+
+def read_state(task_dir: Path) -> Dict[str, Any]:
+    path = Path(task_dir) / STATE_FILE
+    if not path.is_file():
+        raise SlcaError(f"{task_dir} is not a finished task folder (no {STATE_FILE}); give a task-NN/ folder "
+                        f"of a run")
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise SlcaError(f"{path} is damaged ({exc.__class__.__name__}); resume from an earlier task") from None
+    if not isinstance(state, dict) or "sha256" not in state or "task" not in state:
+        raise SlcaError(f"{path} is not an slca task state (fields task and sha256 missing)")
+    return state
+
+
+def load_tensors(task_dir: Path, name: str, state: Dict[str, Any]) -> Dict[str, torch.Tensor]:
+    """Load one tensor file of a task folder after checking its recorded sha256."""
+    if name not in (MODEL_FILE, STATS_FILE):
+        raise SlcaError(f"unknown tensor file {name!r} in {task_dir}")
+    path = Path(task_dir) / name
+    if not path.is_file():
+        raise SlcaError(f"{path} is missing; the task folder is incomplete, resume from an earlier task")
+    expected = state.get("sha256", {}).get(name)
+    if expected is None or sha256_file(path) != expected:
+        raise SlcaError(f"{path} is damaged (sha256 differs from state.json: truncated or modified); "
+                        f"re-run that task with --resume after removing {Path(task_dir).name}/")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise SlcaError(f"{path} is not a readable safetensors file ({exc})") from None
+
+
+def verify_task(task_dir: Path) -> Optional[str]:
+    """None when the folder is complete and intact, else the reason it is not."""
+    try:
+        state = read_state(task_dir)
+        for name in (MODEL_FILE, STATS_FILE):
+            path = Path(task_dir) / name
+            if not path.is_file() or sha256_file(path) != state["sha256"].get(name):
+                return f"{name} missing or damaged"
+    except SlcaError as exc:
+        return str(exc)
+    return None
+
+
+def complete_tasks(run_dir: Path) -> Tuple[int, List[str]]:
+    """Number of leading intact task folders (task-01 ... task-K), and warnings for damaged ones after them."""
+    count, warnings = 0, []
+    while True:
+        folder = Path(run_dir) / task_dir_name(count)
+        if not folder.exists():
+            break
+        problem = verify_task(folder)
+        if problem is not None:
+            warnings.append(f"{folder} is damaged ({problem}); resuming from the task before it")
+            break
+        count += 1
+    return count, warnings

@@ -1,0 +1,177 @@
+"""The `slca` command line: thin Typer commands that parse flags and call the runner."""
+from __future__ import annotations
+
+import functools
+import json
+import shlex
+import statistics
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from .errors import SlcaError
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
+                  help="Continual learning on pre-trained vision models with SLCA (Slow Learner with Classifier "
+                       "Alignment). Config-free: every (dataset, backbone, method) resolves to the paper's recipe.")
+datasets_app = typer.Typer(invoke_without_command=True, no_args_is_help=False,
+                           help="List the registered datasets and where their data is expected.")
+app.add_typer(datasets_app, name="datasets")
+
+
+def _err(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+
+
+def user_errors(fn):
+    """Bad input ends in one line on stderr and exit code 2, never a traceback."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except SlcaError as exc:
+            _err(str(exc))
+            raise typer.Exit(2)
+    return wrapper
+
+
+@app.command()
+@user_errors
+def train(
+    dataset: str = typer.Option(..., help="Dataset name (see `slca datasets`)."),
+    backbone: str = typer.Option(..., help="Backbone name or alias (see `slca backbones`)."),
+    method: str = typer.Option("slca", help="slca (slow learner + classifier alignment), sl (slow learner only) "
+                                            "or seqft (one learning rate for all)."),
+    out: Optional[Path] = typer.Option(None, help="Run folder; default runs/<dataset>-<backbone>-<method>."),
+    seed: List[int] = typer.Option([1993], help="Seed; repeat for several runs (paper: 1993, 1996, 1997)."),
+    data_root: Optional[str] = typer.Option(None, help="Where the dataset lives (see `slca datasets`)."),
+    weights: Optional[str] = typer.Option(None, help="Local backbone weights (.safetensors, .npz, .pth) "
+                                                     "instead of the hub."),
+    tasks: Optional[int] = typer.Option(None, help="Number of tasks."),
+    init_classes: Optional[int] = typer.Option(None, help="Classes in the first task."),
+    increment: Optional[int] = typer.Option(None, help="Classes per later task (the last takes the rest)."),
+    num_classes: Optional[int] = typer.Option(None, help="Classes to generate (synthetic only)."),
+    train_per_class: Optional[int] = typer.Option(None, help="Use at most this many training images per class."),
+    test_per_class: Optional[int] = typer.Option(None, help="Use at most this many test images per class."),
+    epochs: Optional[int] = typer.Option(None, help="Stage-1 epochs per task."),
+    lr_drop_epoch: Optional[int] = typer.Option(None, help="Epoch after which the learning rate drops 10x."),
+    batch_size: Optional[int] = typer.Option(None, help="Batch size for training and testing."),
+    lr_backbone: Optional[float] = typer.Option(None, help="Backbone learning rate (the slow learner)."),
+    lr_head: Optional[float] = typer.Option(None, help="Classifier learning rate."),
+    ca_epochs: Optional[int] = typer.Option(None, help="Classifier-alignment epochs."),
+    ca_samples: Optional[int] = typer.Option(None, help="Gaussian samples per class per alignment epoch."),
+    tau: Optional[float] = typer.Option(None, help="Logit-normalization temperature."),
+    logit_norm: Optional[bool] = typer.Option(None, "--logit-norm/--no-logit-norm",
+                                              help="Logit normalization during alignment."),
+    mean_scaling: Optional[str] = typer.Option(None, help="Authors' shrinking of old class means before "
+                                                          "sampling: task (true task of each class), authors "
+                                                          "(their c // task_size) or off."),
+    fresh_norm: Optional[bool] = typer.Option(None, "--fresh-norm/--keep-norm",
+                                              help="Authors' quirk: replace the final LayerNorm with a fresh one."),
+    restore_stage1_heads: Optional[bool] = typer.Option(
+        None, "--restore-stage1-heads/--keep-aligned-heads",
+        help="Authors' quirk: after evaluating, the next task starts from the unaligned heads."),
+    image_size: Optional[int] = typer.Option(None, help="Input size in pixels (default: the backbone's)."),
+    precision: Optional[str] = typer.Option(None, help="auto, fp32, bf16 or fp16."),
+    workers: Optional[int] = typer.Option(None, help="Data-loader processes."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    resume: bool = typer.Option(False, "--resume", help="Continue after the last complete task-NN/ folder."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars on stderr."),
+):
+    """Train a class-incremental run: for each task fit, collect statistics, align, evaluate, save."""
+    from .runner import make_accelerator, resolve_run, run_seed
+
+    flags = dict(data_root=data_root, weights=weights, tasks=tasks, init_classes=init_classes, increment=increment,
+                 num_classes=num_classes, train_per_class=train_per_class, test_per_class=test_per_class,
+                 epochs=epochs, lr_drop_epoch=lr_drop_epoch, batch_size=batch_size, lr_backbone=lr_backbone,
+                 lr_head=lr_head, ca_epochs=ca_epochs, ca_samples=ca_samples, tau=tau, logit_norm=logit_norm,
+                 mean_scaling=mean_scaling, fresh_norm=fresh_norm, restore_stage1_heads=restore_stage1_heads,
+                 image_size=image_size, precision=precision, workers=workers)
+    cfg, data = resolve_run(dataset, backbone, method, flags)
+    accelerator = make_accelerator(device, cfg.precision)
+    out = out or Path("runs") / f"{cfg.dataset}-{cfg.backbone}-{cfg.method}"
+    log = accelerator.print
+    log(f"{cfg.dataset} ({cfg.num_classes} classes, tasks {list(cfg.task_sizes)}) | {cfg.backbone} | {cfg.method} "
+        f"| {cfg.epochs} epochs, lr backbone {cfg.lr_backbone:g} head {cfg.lr_head:g} | "
+        f"{accelerator.device} {accelerator.mixed_precision} | {out}")
+    results = []
+    for s in dict.fromkeys(seed):
+        try:
+            results.append(run_seed(cfg, s, out / f"seed-{s}", accelerator, data, resume=resume, log=log,
+                                    show_progress=progress))
+        except KeyboardInterrupt:
+            _err(f"interrupted during seed {s}; finished tasks are saved. Resume with: "
+                 f"{' '.join(shlex.quote(a) for a in ['slca'] + sys.argv[1:] + ([] if resume else ['--resume']))}")
+            raise typer.Exit(130)
+    if accelerator.is_main_process:
+        typer.echo(seed_table(results))
+
+
+def seed_table(results) -> str:
+    """Last-Acc and Inc-Acc per seed, then mean +- sample standard deviation."""
+    lines = [f"{'seed':>8} {'Last-Acc':>10} {'Inc-Acc':>10}"]
+    lines += [f"{r['seed']:>8} {r['last_acc']:>10.2f} {r['inc_acc']:>10.2f}" for r in results]
+    if results:
+        def fmt(key):
+            values = [r[key] for r in results]
+            std = statistics.stdev(values) if len(values) > 1 else 0.0
+            return f"{statistics.mean(values):.2f} +- {std:.2f}"
+        lines.append(f"{'mean':>8} {fmt('last_acc'):>10} {fmt('inc_acc'):>10}")
+    return "\n".join(lines)
+
+
+@app.command("eval")
+@user_errors
+def eval_checkpoint(
+    path: Path = typer.Argument(..., help="A task-NN/ folder of a run."),
+    data_root: Optional[str] = typer.Option(None, help="Where the dataset lives, if not where it was trained."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    batch_size: Optional[int] = typer.Option(None, help="Evaluation batch size (does not change the result)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars on stderr."),
+):
+    """Score a checkpoint on the test images of every class it has seen; rebuilt from the folder alone."""
+    from .runner import evaluate_checkpoint
+
+    result = evaluate_checkpoint(path, data_root, device, batch_size, progress)
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+        return
+    row = "  ".join(f"T{j + 1} {acc:.2f}" for j, acc in enumerate(result["accuracy_row"]))
+    typer.echo(f"{path} (after task {result['task']})")
+    typer.echo(f"per task: {row}")
+    status = "matches" if result["matches_stored"] else "DIFFERS from"
+    typer.echo(f"accuracy on all seen classes: {result['accuracy']:.2f}% ({status} the stored "
+               f"{result['stored_accuracy']:.2f}%)")
+
+
+@app.command("backbones")
+@user_errors
+def backbones_command():
+    """List registered backbones: aliases, input size, where the weights come from, whether they are here."""
+    from backbones import list_backbones
+
+    for spec in list_backbones():
+        present = {True: "weights present", False: "weights not downloaded", None: "weights unknown"}[
+            spec.weights_present()]
+        aliases = f" (aliases: {', '.join(spec.aliases)})" if spec.aliases else ""
+        typer.echo(f"{spec.name}{aliases}\n    {spec.description}\n    {spec.image_size} px, family {spec.family}; "
+                   f"weights: {spec.weights_source}; {present}")
+
+
+@datasets_app.callback()
+def datasets_command(ctx: typer.Context):
+    """List registered datasets and the layout expected under --data-root."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from .data import DATASETS, default_data_root
+
+    for info in DATASETS.values():
+        where = f"default --data-root {default_data_root(info.name)}" if info.name == "cifar100" else ""
+        typer.echo(f"{info.name}\n    {info.description}\n    data: {info.layout}{'; ' + where if where else ''}")
+
+
+def main() -> None:
+    app()

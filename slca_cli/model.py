@@ -1,0 +1,55 @@
+"""Backbone + per-task linear heads; logits over all seen classes are the heads' outputs concatenated."""
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import torch
+from torch import nn
+
+
+class ContinualModel(nn.Module):
+    """``task_heads[t]`` scores the classes of task ``t``; earlier heads are frozen while a later task trains."""
+
+    def __init__(self, backbone: nn.Module, feature_dim: int):
+        super().__init__()
+        self.backbone = backbone
+        self.feature_dim = feature_dim
+        self.task_heads = nn.ModuleList()
+
+    @property
+    def num_seen_classes(self) -> int:
+        return sum(h.out_features for h in self.task_heads)
+
+    def add_head(self, num_classes: int) -> nn.Linear:
+        """A new head: truncated normal weights (std 0.02), zero bias, as in the authors' code."""
+        head = nn.Linear(self.feature_dim, num_classes)
+        nn.init.trunc_normal_(head.weight, std=0.02)
+        nn.init.zeros_(head.bias)
+        device = next(self.backbone.parameters()).device
+        self.task_heads.append(head.to(device))
+        return head
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        return self.backbone(images)
+
+    def logits(self, features: torch.Tensor, head: Optional[int] = None) -> torch.Tensor:
+        if head is not None:
+            return self.task_heads[head](features)
+        return torch.cat([h(features) for h in self.task_heads], dim=1)
+
+    def forward(self, images: torch.Tensor, head: Optional[int] = None) -> torch.Tensor:
+        return self.logits(self.features(images), head)
+
+    def head_state(self) -> Dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in self.task_heads.state_dict().items()}
+
+    def load_head_state(self, state: Dict[str, torch.Tensor]) -> None:
+        self.task_heads.load_state_dict(state)
+
+
+def replace_final_norm(backbone: nn.Module) -> None:
+    """The authors' quirk: drop the pre-trained final LayerNorm for a fresh one (weight 1, bias 0, eps 1e-5)."""
+    norm = getattr(backbone, "norm", None)
+    if not isinstance(norm, nn.LayerNorm):
+        raise ValueError("--fresh-norm needs a backbone with a final LayerNorm `norm` (a ViT); use --keep-norm")
+    backbone.norm = nn.LayerNorm(norm.normalized_shape, eps=1e-5).to(norm.weight.device)

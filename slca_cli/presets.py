@@ -1,0 +1,169 @@
+"""The paper's hyperparameters per (dataset, backbone family, method), and the frozen RunConfig they resolve to."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
+
+from .errors import SlcaError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CIFAR_MEAN = (0.5071, 0.4867, 0.4408)
+CIFAR_STD = (0.2675, 0.2565, 0.2761)
+
+# Spec sections 2, 4 and 5. `mean`/`std` None means "the backbone's own normalization".
+DATASET_PRESETS: Dict[str, Dict[str, Any]] = {
+    "cifar100": dict(init_classes=10, increment=10, epochs=20, lr_drop_epoch=18, tau=0.1,
+                     mean=CIFAR_MEAN, std=CIFAR_STD),
+    "imagenet-r": dict(init_classes=20, increment=20, epochs=50, lr_drop_epoch=40, tau=0.1,
+                       mean=IMAGENET_MEAN, std=IMAGENET_STD),
+    "cub200": dict(init_classes=20, increment=20, epochs=50, lr_drop_epoch=40, tau=0.1,
+                   mean=IMAGENET_MEAN, std=IMAGENET_STD),
+    "cars196": dict(init_classes=20, increment=20, epochs=50, lr_drop_epoch=40, tau=0.05,
+                    mean=IMAGENET_MEAN, std=IMAGENET_STD),
+    "folder": dict(tasks=10, epochs=20, lr_drop_epoch=18, tau=0.1, mean=None, std=None),
+    "synthetic": dict(tasks=5, epochs=3, lr_drop_epoch=None, tau=0.1, mean=None, std=None),
+}
+
+# Self-supervised backbones train longer (spec section 4: MoCo v3 90 epochs, drop after 80).
+FAMILY_EPOCHS: Dict[str, Tuple[int, int]] = {"mocov3": (90, 80)}
+
+METHOD_PRESETS: Dict[str, Dict[str, Any]] = {
+    "slca": dict(lr_backbone=1e-4, lr_head=1e-2, align=True),
+    "sl": dict(lr_backbone=1e-4, lr_head=1e-2, align=False),
+    "seqft": dict(lr_backbone=1e-2, lr_head=1e-2, align=False),
+}
+
+MEAN_SCALING = ("task", "authors", "off")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Every value that decides a run's numbers; written to config.json and state.json."""
+
+    dataset: str
+    backbone: str
+    method: str
+    data_root: Optional[str]
+    weights: Optional[str]
+    num_classes: int
+    task_sizes: Tuple[int, ...]
+    epochs: int
+    lr_drop_epoch: Optional[int]
+    batch_size: int
+    lr_backbone: float
+    lr_head: float
+    momentum: float
+    weight_decay: float
+    align: bool
+    ca_epochs: int
+    ca_samples: int
+    ca_lr: float
+    ca_batch_size: int
+    tau: float
+    logit_norm: bool
+    mean_scaling: str
+    fresh_norm: bool
+    restore_stage1_heads: bool
+    cov_ridge: float
+    image_size: int
+    mean: Tuple[float, float, float]
+    std: Tuple[float, float, float]
+    train_per_class: Optional[int]
+    test_per_class: Optional[int]
+    precision: str
+    workers: Optional[int]
+    overridden: Tuple[str, ...] = field(default=())
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: Dict[str, Any]) -> "RunConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - names
+        if unknown:
+            raise SlcaError(f"the run's config has unknown fields {sorted(unknown)}; it was written by "
+                            f"another version of slca")
+        values = {k: (tuple(v) if isinstance(v, list) else v) for k, v in data.items()}
+        return cls(**values)
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.task_sizes)
+
+    def replace(self, **changes: Any) -> "RunConfig":
+        return dataclasses.replace(self, **changes)
+
+
+# Fields whose difference makes a folder another experiment (checked on --resume).
+IDENTITY_FIELDS = ("dataset", "backbone", "method", "num_classes", "task_sizes", "epochs", "lr_drop_epoch",
+                   "lr_backbone", "lr_head", "align", "ca_epochs", "ca_samples", "tau", "logit_norm",
+                   "mean_scaling", "fresh_norm", "restore_stage1_heads", "image_size", "batch_size",
+                   "train_per_class", "test_per_class")
+
+
+def resolve_config(dataset: str, backbone: str, method: str, *, backbone_family: str,
+                   backbone_image_size: int, backbone_mean: Tuple[float, ...], backbone_std: Tuple[float, ...],
+                   num_classes: int, task_sizes: List[int], overrides: Dict[str, Any]) -> RunConfig:
+    """Preset values for (dataset, backbone family, method), then every flag that was given on top."""
+    if method not in METHOD_PRESETS:
+        raise SlcaError(f"unknown method '{method}'; known: {', '.join(METHOD_PRESETS)}")
+    given = {k: v for k, v in overrides.items() if v is not None}
+    ds = DATASET_PRESETS.get(dataset, DATASET_PRESETS["folder"])
+    epochs, drop = ds["epochs"], ds["lr_drop_epoch"]
+    if backbone_family in FAMILY_EPOCHS and dataset not in ("synthetic",):
+        epochs, drop = FAMILY_EPOCHS[backbone_family]
+    if "epochs" in given and "lr_drop_epoch" not in given and drop is not None:
+        # Keep the drop at the same fraction of training when only the epoch count changes.
+        drop = max(1, round(given["epochs"] * drop / epochs)) if given["epochs"] > 1 else None
+    values: Dict[str, Any] = dict(
+        dataset=dataset, backbone=backbone, method=method, data_root=None, weights=None,
+        num_classes=num_classes, task_sizes=tuple(task_sizes), epochs=epochs, lr_drop_epoch=drop,
+        batch_size=128, momentum=0.9, weight_decay=5e-4, ca_epochs=5, ca_samples=256, ca_lr=0.01,
+        ca_batch_size=256, tau=ds["tau"], logit_norm=True, mean_scaling="task", fresh_norm=True,
+        restore_stage1_heads=True, cov_ridge=1e-4, image_size=backbone_image_size,
+        mean=tuple(ds["mean"] or backbone_mean), std=tuple(ds["std"] or backbone_std),
+        train_per_class=None, test_per_class=None, precision="auto", workers=None,
+        **METHOD_PRESETS[method],
+    )
+    unknown = set(given) - set(values)
+    if unknown:
+        raise SlcaError(f"unknown setting(s) {sorted(unknown)}")
+    values.update(given)
+    values["overridden"] = tuple(sorted(k for k in given if k not in ("data_root", "weights")))
+    cfg = RunConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in values.items()})
+    _check(cfg)
+    return cfg
+
+
+def _check(cfg: RunConfig) -> None:
+    positive = dict(epochs=cfg.epochs, batch_size=cfg.batch_size, image_size=cfg.image_size,
+                    ca_samples=cfg.ca_samples, ca_batch_size=cfg.ca_batch_size)
+    for name, value in positive.items():
+        if value < 1:
+            raise SlcaError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    if cfg.ca_epochs < 0:
+        raise SlcaError(f"--ca-epochs must be 0 or more, got {cfg.ca_epochs}")
+    if cfg.tau <= 0:
+        raise SlcaError(f"--tau must be positive, got {cfg.tau}")
+    if cfg.mean_scaling not in MEAN_SCALING:
+        raise SlcaError(f"--mean-scaling must be one of {', '.join(MEAN_SCALING)}, got '{cfg.mean_scaling}'")
+    if cfg.lr_backbone < 0 or cfg.lr_head <= 0:
+        raise SlcaError("--lr-backbone must be >= 0 and --lr-head > 0")
+    if cfg.precision not in ("auto", "fp32", "bf16", "fp16"):
+        raise SlcaError(f"--precision must be auto, fp32, bf16 or fp16, got '{cfg.precision}'")
+    for name in ("train_per_class", "test_per_class"):
+        value = getattr(cfg, name)
+        if value is not None and value < 1:
+            raise SlcaError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+
+
+def task_split_request(dataset: str, tasks: Optional[int], init_classes: Optional[int],
+                       increment: Optional[int]) -> Tuple[Optional[int], Optional[int], Optional[int]]:
+    """(tasks, init, increment) to split by: the flags when any is given, else the dataset's preset."""
+    if tasks is not None or init_classes is not None or increment is not None:
+        return tasks, init_classes, increment
+    ds = DATASET_PRESETS.get(dataset, DATASET_PRESETS["folder"])
+    return ds.get("tasks"), ds.get("init_classes"), ds.get("increment")

@@ -1,0 +1,328 @@
+"""The task loop: for each task fit -> statistics -> align -> evaluate -> save; resume; checkpoint evaluation."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import platform
+import random
+import resource
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
+
+import numpy as np
+import torch
+
+from backbones import BackboneSpec, get_backbone
+
+from . import __version__
+from .alignment import align_classifier
+from .checkpoint import (MODEL_FILE, STATS_FILE, atomic_write_json, atomic_write_text, complete_tasks,
+                         load_tensors, read_state, rng_state, save_task, set_rng_state, sha256_file, task_dir_name)
+from .data import DatasetSplits, RemappedSubset, attach_transforms, load_dataset
+from .errors import SlcaError
+from .learner import default_workers, evaluate, feature_batches, fit_task, make_loader
+from .metrics import summarize
+from .model import ContinualModel, replace_final_norm
+from .presets import IDENTITY_FIELDS, RunConfig
+from .protocol import class_order
+from .statistics import ClassStatistics
+
+Log = Callable[[str], None]
+
+
+def library_versions() -> Dict[str, str]:
+    import accelerate
+    import safetensors
+    import timm
+    import torchvision
+    return {"slca": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "torchvision": torchvision.__version__, "timm": timm.__version__, "accelerate": accelerate.__version__,
+            "safetensors": safetensors.__version__, "numpy": np.__version__, "platform": platform.platform()}
+
+
+def make_accelerator(device: str, precision: str):
+    """The Accelerator owns devices and precision; ``auto`` precision is bf16 where the GPU supports it."""
+    from accelerate import Accelerator
+    if device not in ("auto", "cpu", "cuda"):
+        raise SlcaError(f"--device must be auto, cpu or cuda, got '{device}'")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SlcaError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu or auto")
+    on_gpu = device != "cpu" and torch.cuda.is_available()
+    if precision == "auto":
+        precision = "bf16" if on_gpu and torch.cuda.is_bf16_supported() else "fp32"
+    mixed = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision]
+    return Accelerator(cpu=device == "cpu", mixed_precision=mixed)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def task_seed(seed: int, task: int) -> int:
+    """Every task reseeds from (run seed, task), so a resumed run draws exactly what a straight run draws."""
+    return seed * 1000 + task
+
+
+def build_model(cfg: RunConfig, spec: BackboneSpec, pretrained: bool, seed: int) -> ContinualModel:
+    torch.manual_seed(seed)
+    backbone = spec.build(cfg.weights, pretrained)
+    if cfg.fresh_norm:
+        try:
+            replace_final_norm(backbone)
+        except ValueError as exc:
+            raise SlcaError(str(exc)) from None
+    return ContinualModel(backbone, int(backbone.num_features))
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is bytes on macOS, KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
+
+
+def load_data_for(cfg: RunConfig, data_root: Optional[str]) -> DatasetSplits:
+    data = load_dataset(cfg.dataset, data_root, cfg.num_classes if cfg.dataset == "synthetic" else None,
+                        cfg.train_per_class, cfg.test_per_class)
+    attach_transforms(data, cfg.image_size, cfg.mean, cfg.std)
+    return data
+
+
+def write_metrics(run_dir: Path, record: Dict[str, Any]) -> None:
+    """metrics.json (everything) and metrics.csv (one row per finished task), both atomic."""
+    atomic_write_json(run_dir / "metrics.json", record)
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(["task", "classes_seen", "accuracy", "old_accuracy", "new_accuracy", "seconds",
+                     "peak_memory_mb"])
+    seen = 0
+    for t, acc in enumerate(record["task_accuracy"]):
+        seen += record["task_sizes"][t]
+        old = record["old_accuracy"][t]
+        writer.writerow([t + 1, seen, f"{acc:.4f}", "" if old is None else f"{old:.4f}",
+                         f"{record['new_accuracy'][t]:.4f}", f"{record['seconds'][t]:.2f}",
+                         f"{record['peak_memory_mb'][t]:.1f}"])
+    atomic_write_text(run_dir / "metrics.csv", out.getvalue())
+
+
+@dataclass
+class ResumePoint:
+    start_task: int
+    counts: List[Dict[str, List[int]]]
+    seconds: List[float]
+    memory: List[float]
+    means: List[torch.Tensor]
+    covs: List[torch.Tensor]
+
+
+def check_same_experiment(stored: Dict[str, Any], cfg: RunConfig, run_dir: Path) -> None:
+    current = cfg.to_dict()
+    diffs = [f"{k}={stored.get(k)!r} (now {current[k]!r})" for k in IDENTITY_FIELDS if stored.get(k) != current[k]]
+    if diffs:
+        raise SlcaError(f"--resume: {run_dir} is another experiment: {'; '.join(diffs[:4])}; pass the same flags "
+                        f"as that run or choose another --out")
+
+
+def find_resume_point(run_dir: Path, cfg: RunConfig, model: ContinualModel, log: Log) -> ResumePoint:
+    """Load the last intact task folder (falling back past damaged ones) into ``model``."""
+    done, warnings = complete_tasks(run_dir)
+    for warning in warnings:
+        log(f"warning: {warning}")
+    empty = ResumePoint(0, [], [], [], [], [])
+    if done == 0:
+        return empty
+    last = run_dir / task_dir_name(done - 1)
+    state = read_state(last)
+    check_same_experiment(state["config"], cfg, run_dir)
+    tensors = load_tensors(last, MODEL_FILE, state)
+    for t in range(done):
+        model.add_head(cfg.task_sizes[t])
+    prefix = "stage1_heads." if cfg.restore_stage1_heads else "task_heads."
+    weights = {k: v for k, v in tensors.items() if k.startswith("backbone.")}
+    weights.update({"task_heads." + k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+    model.load_state_dict(weights)
+    means, covs = [], []
+    for t in range(done):
+        folder = run_dir / task_dir_name(t)
+        stats = load_tensors(folder, STATS_FILE, read_state(folder))
+        means.append(stats["means"])
+        covs.append(stats["covs"])
+    set_rng_state(state["rng"])
+    log(f"resuming {run_dir} after {last.name} ({done}/{cfg.num_tasks} tasks done)")
+    return ResumePoint(done, state["counts"], state["seconds"], state["peak_memory_mb"], means, covs)
+
+
+def run_seed(cfg: RunConfig, seed: int, run_dir: Path, accelerator, data: DatasetSplits, *, resume: bool,
+             log: Log = print, show_progress: bool = True) -> Dict[str, Any]:
+    """One seed of one experiment, task by task; returns the final metrics record."""
+    spec = get_backbone(cfg.backbone)
+    order = class_order(data.num_classes, seed)
+    remap = [0] * data.num_classes
+    for position, original in enumerate(order):
+        remap[original] = position
+    run_dir.mkdir(parents=True, exist_ok=True)
+    model = build_model(cfg, spec, pretrained=True, seed=seed)
+    if resume:
+        point = find_resume_point(run_dir, cfg, model, log)
+    else:
+        if complete_tasks(run_dir)[0] > 0 or (run_dir / "metrics.json").exists():
+            raise SlcaError(f"{run_dir} already holds finished tasks; pass --resume to continue it or choose "
+                            f"another --out")
+        point = ResumePoint(0, [], [], [], [], [])
+    device = accelerator.device
+    model.to(device)
+    header = {"seed": seed, "config": cfg.to_dict(), "class_order": order,
+              "class_names": [data.class_names[c] for c in order], "task_sizes": list(cfg.task_sizes),
+              "data_fingerprint": data.fingerprint(), "versions": library_versions()}
+    if cfg.weights:
+        header["weights_sha256"] = sha256_file(Path(cfg.weights))
+    if accelerator.is_main_process:
+        atomic_write_json(run_dir / "config.json", header)
+    workers = cfg.workers if cfg.workers is not None else default_workers(data.transform_style == "tensor")
+    pin = device.type == "cuda"
+    counts, seconds, memory = point.counts, point.seconds, point.memory
+    means, covs = point.means, point.covs
+    record: Dict[str, Any] = {}
+    for task in range(point.start_task, cfg.num_tasks):
+        started = time.perf_counter()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        seed_everything(task_seed(seed, task))
+        offset = sum(cfg.task_sizes[:task])
+        new_classes = list(range(offset, offset + cfg.task_sizes[task]))
+        seen_sizes = list(cfg.task_sizes[: task + 1])
+        model.add_head(cfg.task_sizes[task])
+        train_set = RemappedSubset(data.train, remap, new_classes)
+        loader = make_loader(train_set, cfg.batch_size, True, task_seed(seed, task), workers, pin)
+        fit_task(model, loader, accelerator, task=task, label_offset=offset, epochs=cfg.epochs,
+                 lr_backbone=cfg.lr_backbone, lr_head=cfg.lr_head, momentum=cfg.momentum,
+                 weight_decay=cfg.weight_decay, lr_drop_epoch=cfg.lr_drop_epoch, show_progress=show_progress)
+
+        # Class statistics of the new classes: test transform, eval mode, computed once.
+        stats_set = RemappedSubset(data.train, remap, new_classes, transform=data.test.transform)
+        accumulator = ClassStatistics(len(new_classes), model.feature_dim, device=device)
+        stats_loader = make_loader(stats_set, cfg.batch_size, False, 0, workers, pin)
+        for features, labels in feature_batches(model, stats_loader, accelerator, "statistics", show_progress):
+            accumulator.update(features, labels.to(device) - offset)
+        task_means, task_covs = accumulator.finalize(cfg.cov_ridge)
+        means.append(task_means.cpu())
+        covs.append(task_covs.cpu())
+
+        stage1_heads = model.head_state()
+        if cfg.align and task > 0 and cfg.ca_epochs > 0:
+            generator = torch.Generator(device=device).manual_seed(task_seed(seed, task))
+            bar = _progress(cfg.ca_epochs, f"task {task + 1} alignment", show_progress and accelerator.is_main_process)
+            align_classifier(model.task_heads, torch.cat(means), torch.cat(covs), seen_sizes,
+                             epochs=cfg.ca_epochs, samples_per_class=cfg.ca_samples, batch_size=cfg.ca_batch_size,
+                             lr=cfg.ca_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, tau=cfg.tau,
+                             logit_norm=cfg.logit_norm, mean_scaling=cfg.mean_scaling, generator=generator,
+                             progress=lambda epoch, loss: bar.update(1) or bar.set_postfix(loss=f"{loss:.3f}"))
+            bar.close()
+            model.task_heads.requires_grad_(False)
+
+        test_set = RemappedSubset(data.test, remap, list(range(offset + cfg.task_sizes[task])))
+        test_loader = make_loader(test_set, cfg.batch_size, False, 0, workers, pin)
+        correct, total = evaluate(model, test_loader, accelerator, seen_sizes, show_progress)
+        counts.append({"correct": correct, "total": total})
+        seconds.append(time.perf_counter() - started)
+        memory.append(peak_memory_mb(device))
+        record = {"dataset": cfg.dataset, "backbone": cfg.backbone, "method": cfg.method, "seed": seed,
+                  "task_sizes": list(cfg.task_sizes), "tasks_done": task + 1,
+                  **summarize(counts, cfg.num_tasks), "seconds": seconds, "peak_memory_mb": memory,
+                  "counts": counts}
+        if accelerator.is_main_process:
+            model_tensors = {k: v for k, v in model.state_dict().items()}
+            model_tensors.update({f"stage1_heads.{k}": v for k, v in stage1_heads.items()})
+            stats_tensors = {"means": task_means, "covs": task_covs,
+                             "classes": torch.tensor(new_classes, dtype=torch.long)}
+            state = {"format": "slca-task", "version": 1, "task": task, "seed": seed, "config": cfg.to_dict(),
+                     "class_order": order, "task_sizes": list(cfg.task_sizes), "counts": counts,
+                     "metrics": {k: record[k] for k in ("accuracy_matrix", "task_accuracy", "last_acc", "inc_acc",
+                                                       "forgetting")},
+                     "seconds": seconds, "peak_memory_mb": memory, "rng": rng_state(),
+                     "data_fingerprint": header["data_fingerprint"]}
+            save_task(run_dir, task, model_tensors, stats_tensors, state)
+            write_metrics(run_dir, record)
+        accelerator.wait_for_everyone()
+        if cfg.restore_stage1_heads:
+            model.load_head_state(stage1_heads)
+        old = record["old_accuracy"][task]
+        split = f"old {old:.2f} / new {record['new_accuracy'][task]:.2f}" if old is not None else \
+            f"new {record['new_accuracy'][task]:.2f}"
+        log(f"seed {seed} task {task + 1}/{cfg.num_tasks}: {sum(seen_sizes)} classes, "
+            f"accuracy {record['task_accuracy'][task]:.2f}% ({split}), {seconds[-1]:.1f} s")
+    if not record:
+        record = json.loads((run_dir / "metrics.json").read_text())
+    return record
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+    return tqdm(total=total, desc=desc, unit="epoch", leave=False, disable=not enabled)
+
+
+def evaluate_checkpoint(task_dir: Path, data_root: Optional[str], device: str = "auto",
+                        batch_size: Optional[int] = None, show_progress: bool = True) -> Dict[str, Any]:
+    """Rebuild the model of a ``task-NN/`` folder from the folder alone and score it on every seen class."""
+    task_dir = Path(task_dir)
+    if not task_dir.is_dir():
+        raise SlcaError(f"{task_dir} is not a folder; give a task-NN/ folder of a run, e.g. runs/.../seed-1993/task-03")
+    state = read_state(task_dir)
+    cfg = RunConfig.from_dict(state["config"])
+    tensors = load_tensors(task_dir, MODEL_FILE, state)
+    task = int(state["task"])
+    spec = get_backbone(cfg.backbone)
+    model = build_model(cfg.replace(weights=None), spec, pretrained=False, seed=0)
+    for t in range(task + 1):
+        model.add_head(cfg.task_sizes[t])
+    model.load_state_dict({k: v for k, v in tensors.items() if not k.startswith("stage1_heads.")})
+    data = load_data_for(cfg, data_root if data_root is not None else cfg.data_root)
+    if data.fingerprint() != state.get("data_fingerprint"):
+        raise SlcaError(f"the data under {data.root or cfg.dataset} differs from the data this checkpoint was "
+                        f"trained on (file list checksum); point --data-root at the same files")
+    accelerator = make_accelerator(device, cfg.precision)
+    model.to(accelerator.device)
+    order = state["class_order"]
+    remap = [0] * len(order)
+    for position, original in enumerate(order):
+        remap[original] = position
+    seen_sizes = list(cfg.task_sizes[: task + 1])
+    test_set = RemappedSubset(data.test, remap, list(range(sum(seen_sizes))))
+    workers = cfg.workers if cfg.workers is not None else default_workers(data.transform_style == "tensor")
+    loader = make_loader(test_set, batch_size or cfg.batch_size, False, 0, workers, accelerator.device.type == "cuda")
+    correct, total = evaluate(model, loader, accelerator, seen_sizes, show_progress)
+    result = summarize([{"correct": correct, "total": total}], len(seen_sizes))
+    stored = state["metrics"]["task_accuracy"][task]
+    return {"task": task + 1, "task_dir": str(task_dir), "accuracy_row": result["accuracy_matrix"][0],
+            "accuracy": result["task_accuracy"][0], "correct": correct, "total": total,
+            "stored_accuracy": stored, "matches_stored": abs(result["task_accuracy"][0] - stored) < 1e-9}
+
+
+def resolve_run(dataset: str, backbone: str, method: str, flags: Dict[str, Any]):
+    """Flags -> (RunConfig, dataset with transforms): load the data, split the tasks, fill in the presets."""
+    from .presets import resolve_config, task_split_request
+    from .protocol import resolve_task_sizes
+    spec = get_backbone(backbone)
+    flags = dict(flags)
+    num_classes = flags.pop("num_classes", None)
+    split = task_split_request(dataset, flags.pop("tasks", None), flags.pop("init_classes", None),
+                               flags.pop("increment", None))
+    data = load_dataset(dataset, flags.get("data_root"), num_classes, flags.get("train_per_class"),
+                        flags.get("test_per_class"))
+    sizes = resolve_task_sizes(data.num_classes, *split)
+    cfg = resolve_config(dataset, spec.name, method, backbone_family=spec.family,
+                         backbone_image_size=spec.image_size, backbone_mean=spec.mean, backbone_std=spec.std,
+                         num_classes=data.num_classes, task_sizes=sizes, overrides=flags)
+    if dataset == "synthetic":
+        cfg = cfg.replace(train_per_class=len(data.train) // data.num_classes,
+                          test_per_class=len(data.test) // data.num_classes)
+    if cfg.weights:
+        cfg = cfg.replace(weights=str(Path(cfg.weights).expanduser().resolve()))
+    attach_transforms(data, cfg.image_size, cfg.mean, cfg.std)
+    return cfg, data
