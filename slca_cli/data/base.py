@@ -129,6 +129,10 @@ def image_folder_splits(name: str, root: Path, transform_style: str, train_per_c
                         test_per_class: Optional[int]) -> DatasetSplits:
     """The image-folder layout: ``root/train/<class>/*`` and ``root/test/<class>/*``."""
     hint = f"--data-root {root}"
+    missing = [name for name in ("train", "test") if not (root / name).is_dir()]
+    if missing:
+        raise SlcaError(f"{root} has no {' or '.join(m + '/' for m in missing)} folder; {hint} must hold "
+                        f"train/<class>/* and test/<class>/*")
     train_classes, train_files, train_labels = scan_image_folder(root / "train", hint)
     test_classes, test_files, test_labels = scan_image_folder(root / "test", hint)
     if train_classes != test_classes:
