@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import functools
 import json
-import shlex
 import statistics
 import sys
 from pathlib import Path
@@ -78,9 +77,12 @@ def train(
     workers: Optional[int] = typer.Option(None, help="Data-loader processes."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     resume: bool = typer.Option(False, "--resume", help="Continue after the last complete task-NN/ folder."),
+    checkpoint_every: int = typer.Option(0, help="Also save the task being trained every N epochs "
+                                                 "(in-progress/), so --resume continues mid-task. 0: off."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars on stderr."),
 ):
     """Train a class-incremental run: for each task fit, collect statistics, align, evaluate, save."""
+    from .guard import guarded_seed, interrupt_message, stop_exit_code
     from .runner import make_accelerator, resolve_run, run_seed
 
     flags = dict(data_root=data_root, weights=weights, tasks=tasks, init_classes=init_classes, increment=increment,
@@ -89,6 +91,8 @@ def train(
                  lr_head=lr_head, ca_epochs=ca_epochs, ca_samples=ca_samples, tau=tau, logit_norm=logit_norm,
                  mean_scaling=mean_scaling, fresh_norm=fresh_norm, restore_stage1_heads=restore_stage1_heads,
                  image_size=image_size, precision=precision, workers=workers)
+    if checkpoint_every < 0:
+        raise SlcaError(f"--checkpoint-every must be 0 (off) or a number of epochs, got {checkpoint_every}")
     cfg, data = resolve_run(dataset, backbone, method, flags)
     accelerator = make_accelerator(device, cfg.precision)
     out = out or Path("runs") / f"{cfg.dataset}-{cfg.backbone}-{cfg.method}"
@@ -98,13 +102,14 @@ def train(
         f"{accelerator.device} {accelerator.mixed_precision} | {out}")
     results = []
     for s in dict.fromkeys(seed):
+        run_dir = out / f"seed-{s}"
         try:
-            results.append(run_seed(cfg, s, out / f"seed-{s}", accelerator, data, resume=resume, log=log,
-                                    show_progress=progress))
-        except KeyboardInterrupt:
-            _err(f"interrupted during seed {s}; finished tasks are saved. Resume with: "
-                 f"{' '.join(shlex.quote(a) for a in ['slca'] + sys.argv[1:] + ([] if resume else ['--resume']))}")
-            raise typer.Exit(130)
+            with guarded_seed(run_dir, s, cfg.batch_size, log):
+                results.append(run_seed(cfg, s, run_dir, accelerator, data, resume=resume, log=log,
+                                        show_progress=progress, checkpoint_every=checkpoint_every))
+        except KeyboardInterrupt as stop:  # SIGINT / SIGTERM: the checkpoint being written was finished first
+            _err(interrupt_message(stop, s, run_dir, sys.argv[1:]))
+            raise typer.Exit(stop_exit_code(stop))
     if accelerator.is_main_process:
         typer.echo(seed_table(results))
 

@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from .errors import SlcaError
 from .model import ContinualModel
+from .stages import mark
 
 
 def default_workers(tensor_data: bool) -> int:
@@ -28,9 +29,10 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int, wor
 
 def fit_task(model: ContinualModel, loader: DataLoader, accelerator, *, task: int, label_offset: int, epochs: int,
              lr_backbone: float, lr_head: float, momentum: float, weight_decay: float,
-             lr_drop_epoch: Optional[int], show_progress: bool = True) -> List[float]:
+             lr_drop_epoch: Optional[int], show_progress: bool = True, epoch_checkpoints=None) -> List[float]:
     """Train the backbone (``lr_backbone``) and the current head (``lr_head``) with cross-entropy over the
-    current head only; earlier heads stay frozen. Returns the mean loss of each epoch."""
+    current head only; earlier heads stay frozen. Returns the mean loss of each epoch. ``epoch_checkpoints``
+    (midtask.TaskEpochs) restores an interrupted task's state before the first epoch and saves it after epochs."""
     for i, head in enumerate(model.task_heads):
         head.requires_grad_(i == task)
     model.backbone.requires_grad_(lr_backbone > 0)
@@ -41,20 +43,24 @@ def fit_task(model: ContinualModel, loader: DataLoader, accelerator, *, task: in
     milestones = [lr_drop_epoch] if lr_drop_epoch and lr_drop_epoch < epochs else []
     schedule = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=0.1)
     train_model, optimizer, train_loader = accelerator.prepare(model, optimizer, loader)
-    losses = []
+    start_epoch, losses = (epoch_checkpoints.restore(accelerator, train_model, optimizer, schedule, loader,
+                                                     train_loader) if epoch_checkpoints else (0, []))
     bar = tqdm(total=epochs * len(train_loader), desc=f"task {task + 1} stage 1", unit="batch", leave=False,
                disable=not (show_progress and accelerator.is_main_process))
-    for epoch in range(epochs):
+    bar.update(start_epoch * len(train_loader))
+    for epoch in range(start_epoch, epochs):
         train_model.train()
         total, seen = 0.0, 0
-        for images, labels in train_loader:
+        for batch, (images, labels) in enumerate(train_loader):
+            mark("fit", task=task + 1, epoch=epoch + 1, batch=batch + 1)
             with accelerator.autocast():
                 logits = train_model(images, head=task)
                 loss = F.cross_entropy(logits.float(), labels - label_offset)
             value = float(loss.detach())
             if not math.isfinite(value):
                 raise SlcaError(f"the loss became {value} in task {task + 1}, epoch {epoch + 1}; finished tasks "
-                                f"are kept: lower --lr-backbone / --lr-head or use --precision fp32, then --resume")
+                                f"are kept. Under fp16/bf16 use --precision fp32 and --resume; else lower "
+                                f"--lr-backbone / --lr-head (another experiment: use another --out)")
             optimizer.zero_grad(set_to_none=True)
             accelerator.backward(loss)
             optimizer.step()
@@ -64,6 +70,8 @@ def fit_task(model: ContinualModel, loader: DataLoader, accelerator, *, task: in
             bar.set_postfix(epoch=epoch + 1, loss=f"{value:.3f}")
         schedule.step()
         losses.append(total / max(seen, 1))
+        if epoch_checkpoints:
+            epoch_checkpoints.epoch_done(epoch, accelerator, train_model, optimizer, schedule, loader, losses)
     bar.close()
     accelerator.free_memory()
     model.requires_grad_(False)

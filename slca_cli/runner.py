@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import platform
 import random
 import resource
@@ -26,10 +25,14 @@ from .data import DatasetSplits, RemappedSubset, attach_transforms, load_dataset
 from .errors import SlcaError
 from .learner import default_workers, evaluate, feature_batches, fit_task, make_loader
 from .metrics import summarize
+from .midtask import EpochCheckpoints, refuse_leftover
 from .model import ContinualModel, replace_final_norm
 from .presets import IDENTITY_FIELDS, RunConfig
 from .protocol import class_order
+from .signals import uninterruptible
+from .stages import mark
 from .statistics import ClassStatistics
+from .validation import stored_data_root
 
 Log = Callable[[str], None]
 
@@ -159,8 +162,9 @@ def find_resume_point(run_dir: Path, cfg: RunConfig, model: ContinualModel, log:
 
 
 def run_seed(cfg: RunConfig, seed: int, run_dir: Path, accelerator, data: DatasetSplits, *, resume: bool,
-             log: Log = print, show_progress: bool = True) -> Dict[str, Any]:
-    """One seed of one experiment, task by task; returns the final metrics record."""
+             log: Log = print, show_progress: bool = True, checkpoint_every: int = 0) -> Dict[str, Any]:
+    """One seed of one experiment, task by task; returns the final metrics record. ``checkpoint_every`` N > 0
+    also saves the task being trained every N epochs (midtask.py)."""
     spec = get_backbone(cfg.backbone)
     order = class_order(data.num_classes, seed)
     remap = [0] * data.num_classes
@@ -174,6 +178,7 @@ def run_seed(cfg: RunConfig, seed: int, run_dir: Path, accelerator, data: Datase
         if complete_tasks(run_dir)[0] > 0 or (run_dir / "metrics.json").exists():
             raise SlcaError(f"{run_dir} already holds finished tasks; pass --resume to continue it or choose "
                             f"another --out")
+        refuse_leftover(run_dir)
         point = ResumePoint(0, [], [], [], [], [])
     device = accelerator.device
     model.to(device)
@@ -182,6 +187,11 @@ def run_seed(cfg: RunConfig, seed: int, run_dir: Path, accelerator, data: Datase
               "data_fingerprint": data.fingerprint(), "versions": library_versions()}
     if cfg.weights:
         header["weights_sha256"] = sha256_file(Path(cfg.weights))
+    if resume and point.start_task > 0:
+        check_same_data(run_dir / task_dir_name(point.start_task - 1), header)
+    epoch_checkpoints = EpochCheckpoints(run_dir, checkpoint_every, header, log, accelerator.is_main_process)
+    if resume:
+        epoch_checkpoints.adopt(point.start_task)
     if accelerator.is_main_process:
         atomic_write_json(run_dir / "config.json", header)
     workers = cfg.workers if cfg.workers is not None else default_workers(data.transform_style == "tensor")
@@ -191,6 +201,7 @@ def run_seed(cfg: RunConfig, seed: int, run_dir: Path, accelerator, data: Datase
     record: Dict[str, Any] = {}
     for task in range(point.start_task, cfg.num_tasks):
         started = time.perf_counter()
+        mark("task", task=task + 1)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         seed_everything(task_seed(seed, task))
@@ -202,7 +213,9 @@ def run_seed(cfg: RunConfig, seed: int, run_dir: Path, accelerator, data: Datase
         loader = make_loader(train_set, cfg.batch_size, True, task_seed(seed, task), workers, pin)
         fit_task(model, loader, accelerator, task=task, label_offset=offset, epochs=cfg.epochs,
                  lr_backbone=cfg.lr_backbone, lr_head=cfg.lr_head, momentum=cfg.momentum,
-                 weight_decay=cfg.weight_decay, lr_drop_epoch=cfg.lr_drop_epoch, show_progress=show_progress)
+                 weight_decay=cfg.weight_decay, lr_drop_epoch=cfg.lr_drop_epoch, show_progress=show_progress,
+                 epoch_checkpoints=epoch_checkpoints.for_task(task))
+        mark("statistics", task=task + 1)
 
         # Class statistics of the new classes: test transform, eval mode, computed once.
         stats_set = RemappedSubset(data.train, remap, new_classes, transform=data.test.transform)
@@ -222,20 +235,19 @@ def run_seed(cfg: RunConfig, seed: int, run_dir: Path, accelerator, data: Datase
                              epochs=cfg.ca_epochs, samples_per_class=cfg.ca_samples, batch_size=cfg.ca_batch_size,
                              lr=cfg.ca_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, tau=cfg.tau,
                              logit_norm=cfg.logit_norm, mean_scaling=cfg.mean_scaling, generator=generator,
-                             progress=lambda epoch, loss: bar.update(1) or bar.set_postfix(loss=f"{loss:.3f}"))
+                             progress=lambda epoch, loss: mark("align", task=task + 1, epoch=epoch + 1) or
+                             bar.update(1) or bar.set_postfix(loss=f"{loss:.3f}"))
             bar.close()
             model.task_heads.requires_grad_(False)
 
+        mark("evaluate", task=task + 1)
         test_set = RemappedSubset(data.test, remap, list(range(offset + cfg.task_sizes[task])))
         test_loader = make_loader(test_set, cfg.batch_size, False, 0, workers, pin)
         correct, total = evaluate(model, test_loader, accelerator, seen_sizes, show_progress)
         counts.append({"correct": correct, "total": total})
         seconds.append(time.perf_counter() - started)
         memory.append(peak_memory_mb(device))
-        record = {"dataset": cfg.dataset, "backbone": cfg.backbone, "method": cfg.method, "seed": seed,
-                  "task_sizes": list(cfg.task_sizes), "tasks_done": task + 1,
-                  **summarize(counts, cfg.num_tasks), "seconds": seconds, "peak_memory_mb": memory,
-                  "counts": counts}
+        record = metrics_record(cfg, seed, counts, seconds, memory)
         if accelerator.is_main_process:
             model_tensors = {k: v for k, v in model.state_dict().items()}
             model_tensors.update({f"stage1_heads.{k}": v for k, v in stage1_heads.items()})
@@ -247,8 +259,11 @@ def run_seed(cfg: RunConfig, seed: int, run_dir: Path, accelerator, data: Datase
                                                        "forgetting")},
                      "seconds": seconds, "peak_memory_mb": memory, "rng": rng_state(),
                      "data_fingerprint": header["data_fingerprint"]}
-            save_task(run_dir, task, model_tensors, stats_tensors, state)
-            write_metrics(run_dir, record)
+            with uninterruptible():  # a stop signal waits until the task folder and metrics are written
+                save_task(run_dir, task, model_tensors, stats_tensors, state)
+                mark("metrics", task=task + 1)
+                write_metrics(run_dir, record)
+                epoch_checkpoints.discard()
         accelerator.wait_for_everyone()
         if cfg.restore_stage1_heads:
             model.load_head_state(stage1_heads)
@@ -257,9 +272,30 @@ def run_seed(cfg: RunConfig, seed: int, run_dir: Path, accelerator, data: Datase
             f"new {record['new_accuracy'][task]:.2f}"
         log(f"seed {seed} task {task + 1}/{cfg.num_tasks}: {sum(seen_sizes)} classes, "
             f"accuracy {record['task_accuracy'][task]:.2f}% ({split}), {seconds[-1]:.1f} s")
-    if not record:
-        record = json.loads((run_dir / "metrics.json").read_text())
+    if not record:  # every task was already done: metrics.json may be a task behind if a kill hit in between
+        record = metrics_record(cfg, seed, counts, seconds, memory)
+        if accelerator.is_main_process:
+            write_metrics(run_dir, record)
     return record
+
+
+def metrics_record(cfg: RunConfig, seed: int, counts: List[Dict[str, List[int]]], seconds: List[float],
+                   memory: List[float]) -> Dict[str, Any]:
+    """metrics.json's content after ``len(counts)`` finished tasks."""
+    return {"dataset": cfg.dataset, "backbone": cfg.backbone, "method": cfg.method, "seed": seed,
+            "task_sizes": list(cfg.task_sizes), "tasks_done": len(counts),
+            **summarize(counts, cfg.num_tasks), "seconds": seconds, "peak_memory_mb": memory, "counts": counts}
+
+
+def check_same_data(last_task: Path, header: Dict[str, Any]) -> None:
+    """--resume continues only with the seed, class order and data files the finished tasks were trained on."""
+    state = read_state(last_task)
+    if state.get("seed") != header["seed"] or state["class_order"] != header["class_order"]:
+        raise SlcaError(f"--resume: {last_task} was trained with another seed or class order; the seed folders of "
+                        f"{last_task.parent.parent} were rearranged")
+    if state["data_fingerprint"] != header["data_fingerprint"]:
+        raise SlcaError(f"--resume: the data differs from the data {last_task} was trained on (file list checksum); "
+                        f"point --data-root at the same files, or start a new run with another --out")
 
 
 def _progress(total: int, desc: str, enabled: bool):
@@ -282,7 +318,7 @@ def evaluate_checkpoint(task_dir: Path, data_root: Optional[str], device: str = 
     for t in range(task + 1):
         model.add_head(cfg.task_sizes[t])
     model.load_state_dict({k: v for k, v in tensors.items() if not k.startswith("stage1_heads.")})
-    data = load_data_for(cfg, data_root if data_root is not None else cfg.data_root)
+    data = load_data_for(cfg, data_root if data_root is not None else stored_data_root(cfg, task_dir / "state.json"))
     if data.fingerprint() != state.get("data_fingerprint"):
         raise SlcaError(f"the data under {data.root or cfg.dataset} differs from the data this checkpoint was "
                         f"trained on (file list checksum); point --data-root at the same files")
@@ -324,5 +360,7 @@ def resolve_run(dataset: str, backbone: str, method: str, flags: Dict[str, Any])
                           test_per_class=len(data.test) // data.num_classes)
     if cfg.weights:
         cfg = cfg.replace(weights=str(Path(cfg.weights).expanduser().resolve()))
+    if cfg.data_root:  # absolute, so that `slca eval` finds the data from any folder
+        cfg = cfg.replace(data_root=str(Path(cfg.data_root).expanduser().resolve()))
     attach_transforms(data, cfg.image_size, cfg.mean, cfg.std)
     return cfg, data

@@ -1,0 +1,86 @@
+"""What surrounds one seed's run: the folder lock, clean stops on SIGINT / SIGTERM, and out-of-memory errors
+turned into advice. Used by the CLI around ``runner.run_seed``."""
+from __future__ import annotations
+
+import shlex
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator, List, Optional, Sequence
+
+import torch
+
+from . import stages
+from .checkpoint import STATE_FILE, task_dir_name
+from .errors import SlcaError
+from .lock import RunLock
+from .signals import RunInterrupted, stop_signals_handled
+
+_OOM_TYPES = tuple({t for t in (getattr(torch, "OutOfMemoryError", None),
+                                getattr(torch.cuda, "OutOfMemoryError", None)) if t is not None})
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """torch's OOM error, or the RuntimeError that older builds, cuDNN and MPS raise for it."""
+    if _OOM_TYPES and isinstance(exc, _OOM_TYPES):
+        return True
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+def resume_command(argv: Sequence[str]) -> str:
+    """The command line that continues this run: the same arguments plus ``--resume``."""
+    args: List[str] = list(argv)
+    if "--resume" not in args:
+        args.append("--resume")
+    return " ".join(shlex.quote(a) for a in ["slca"] + args)
+
+
+def saved_summary(run_dir: Path) -> str:
+    """Which task folders are there (not re-hashed: a stop signal leaves little time)."""
+    done = 0
+    while (Path(run_dir) / task_dir_name(done) / STATE_FILE).is_file():
+        done += 1
+    if done == 0:
+        return f"no task of {run_dir} had finished"
+    last = "task-01" if done == 1 else f"task-01 ... {task_dir_name(done - 1)}"
+    return f"{last} of {run_dir} are saved" if done > 1 else f"{last} of {run_dir} is saved"
+
+
+def interrupt_message(stop: BaseException, seed: int, run_dir: Path, argv: Sequence[str]) -> str:
+    """One line: which signal, where the run was, what is saved, and the command that continues it."""
+    name = stop.signal_name if isinstance(stop, RunInterrupted) else "SIGINT"
+    return (f"interrupted by {name} during seed {seed}, {stages.describe()}; {saved_summary(run_dir)}. "
+            f"Resume with: {resume_command(argv)}")
+
+
+def oom_message(exc: BaseException, seed: int, run_dir: Path, batch_size: int, memory: str) -> str:
+    where = stages.describe()
+    stage = stages.current().get("stage")
+    if stage in ("statistics", "evaluate"):
+        advice = (f"lower --batch-size (now {batch_size}); it changes the experiment, so use another --out, or "
+                  f"free {memory} memory and --resume")
+    else:
+        advice = (f"lower --batch-size (now {batch_size}; a different experiment, so use another --out) or use "
+                  f"--precision bf16, then --resume")
+    return f"out of {memory} memory during seed {seed}, {where}; {advice}. {saved_summary(run_dir)}"
+
+
+@contextmanager
+def guarded_seed(run_dir: Path, seed: int, batch_size: int, log: Callable[[str], None] = print) -> Iterator[None]:
+    """Lock ``run_dir`` and turn SIGINT / SIGTERM into ``RunInterrupted`` and out-of-memory into a SlcaError."""
+    stages.reset()
+    with RunLock(run_dir, log=log), stop_signals_handled():
+        try:
+            yield
+        except MemoryError:
+            raise SlcaError(oom_message(MemoryError(), seed, run_dir, batch_size, "host")) from None
+        except RuntimeError as exc:
+            if not is_out_of_memory(exc):
+                raise
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            raise SlcaError(oom_message(exc, seed, run_dir, batch_size, "GPU")) from None
+
+
+def stop_exit_code(stop: BaseException) -> int:
+    """130 for SIGINT (and a plain KeyboardInterrupt), 143 for SIGTERM."""
+    return getattr(stop, "exit_code", 130)
