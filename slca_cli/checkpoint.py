@@ -200,7 +200,8 @@ def complete_tasks(run_dir: Path) -> Tuple[int, List[str]]:
         problem = "it is a link; task folders inside a run are never links" if folder.is_symlink() else \
             verify_task(folder)
         if problem is not None:
-            warnings.append(f"{folder} is damaged ({problem}); resuming from the task before it")
+            then = "resuming from the task before it" if count else "starting again from task 1"
+            warnings.append(f"{folder} is damaged ({problem}); {then}")
             break
         count += 1
     return count, warnings

@@ -312,6 +312,7 @@ def evaluate_checkpoint(task_dir: Path, data_root: Optional[str], device: str = 
     state = read_state(task_dir)
     cfg = RunConfig.from_dict(state["config"])
     tensors = load_tensors(task_dir, MODEL_FILE, state)
+    load_tensors(task_dir, STATS_FILE, state)  # not needed to score, but a damaged folder is reported, not used
     task = int(state["task"])
     spec = get_backbone(cfg.backbone)
     model = build_model(cfg.replace(weights=None), spec, pretrained=False, seed=0)
