@@ -63,24 +63,30 @@ def test_eval_of_a_damaged_tensor_file_is_a_clear_error(finished_run, cli, tmp_p
     assert_one_line_error(code, err, f"task-03/{name} is damaged", "sha256")
 
 
-@pytest.mark.parametrize("name,folder", [("model.safetensors", "task-02"), ("stats.safetensors", "task-01")])
-def test_resume_falls_back_to_the_task_before_a_damaged_one(finished_run, cli, tmp_path, name, folder):
+def test_resume_falls_back_to_the_task_before_a_damaged_one(finished_run, cli, tmp_path):
     """A damaged middle task: the later intact task can't be used either (it builds on it), so the run goes back
     to the last intact task before the damage and redoes the rest, ending exactly as the original."""
     original, copy = copy_run(finished_run, tmp_path)
-    damage(copy / folder / name, "flip")
+    damage(copy / "task-02" / "model.safetensors", "flip")
     code, out, err = cli("train", *FINISHED, "--out", tmp_path, "--resume")
     assert code == 0, err
-    assert f"warning: {copy / folder} is damaged ({name} missing or damaged)" in out
-    done = int(folder[-2:]) - 1
-    assert (f"after task-{done:02d}" in out) if done else ("starting again from task 1" in out)
+    assert f"warning: {copy / 'task-02'} is damaged (model.safetensors missing or damaged)" in out
+    assert "after task-01" in out
     assert_resumed_like_the_original(original, copy)
+
+
+def test_a_damaged_first_task_means_starting_again(finished_run, cli, tmp_path):
+    from slca_cli.checkpoint import complete_tasks
+    _, copy = copy_run(finished_run, tmp_path)
+    damage(copy / "task-01" / "stats.safetensors", "truncate")
+    assert complete_tasks(copy) == (0, [f"{copy / 'task-01'} is damaged (stats.safetensors missing or damaged); "
+                                        f"starting again from task 1"])
 
 
 @pytest.mark.parametrize("edit", ["not json", "task", "class_order", "config type", "config sizes", "counts",
                                   "rng", "sha256", "missing field"])
 def test_a_damaged_or_edited_state_json_is_caught(finished_run, cli, tmp_path, edit):
-    original, copy = copy_run(finished_run, tmp_path)
+    _, copy = copy_run(finished_run, tmp_path)
     folder = copy / "task-03"
     if edit == "not json":
         (folder / "state.json").write_text('{"task": 2, "sha256": {')
@@ -102,9 +108,17 @@ def test_a_damaged_or_edited_state_json_is_caught(finished_run, cli, tmp_path, e
         rewrite_state(folder, config=lambda s: s["config"].pop("task_sizes"))
     code, _, err = cli("eval", folder, "--device", "cpu", "--no-progress")
     assert_one_line_error(code, err, "task-03/state.json")
+    from slca_cli.checkpoint import complete_tasks
+    done, warnings = complete_tasks(copy)
+    assert done == 2 and warnings[0].startswith(f"{folder} is damaged")
+
+
+def test_resume_skips_a_task_whose_state_json_was_edited(finished_run, cli, tmp_path):
+    original, copy = copy_run(finished_run, tmp_path)
+    rewrite_state(copy / "task-03", rng={"python": "x"})
     code, out, err = cli("train", *FINISHED, "--out", tmp_path, "--resume")
     assert code == 0, err
-    assert f"warning: {folder} is damaged" in out and "after task-02" in out
+    assert f"warning: {copy / 'task-03'} is damaged (" in out and "field 'rng'" in out and "after task-02" in out
     assert_resumed_like_the_original(original, copy)
 
 
