@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Tuple
@@ -50,7 +52,8 @@ class FileSplit(LabelledSplit):
             with Image.open(path) as img:
                 return img.convert("RGB")
         except Exception as exc:  # PIL raises many kinds of errors for damaged files
-            raise SlcaError(f"cannot read image {path}: {exc.__class__.__name__}: {exc}") from None
+            raise SlcaError(f"cannot read image {path}: {exc.__class__.__name__}: {exc}; replace or remove the "
+                            f"file") from None
 
     def describe(self, index: int) -> str:
         return self.files[index].relative_to(self.root).as_posix()
@@ -89,7 +92,9 @@ class DatasetSplits:
         digest = hashlib.sha256()
         for split_name, split in (("train", self.train), ("test", self.test)):
             for i in range(len(split)):
-                digest.update(f"{split_name}\t{split.describe(i)}\t{split.labels[i]}\n".encode())
+                # surrogateescape: file names that are not valid UTF-8 still hash (to their bytes)
+                digest.update(f"{split_name}\t{split.describe(i)}\t{split.labels[i]}\n".encode("utf-8",
+                                                                                          "surrogateescape"))
         return digest.hexdigest()
 
 
@@ -106,19 +111,70 @@ def cap_per_class(labels: Sequence[int], cap: Optional[int]) -> List[int]:
     return keep
 
 
+def _list_folder(folder: Path) -> List[os.DirEntry]:
+    """The entries of ``folder`` sorted by name; an unreadable folder is a SlcaError."""
+    try:
+        with os.scandir(folder) as entries:
+            return sorted(entries, key=lambda e: e.name)
+    except OSError as exc:
+        raise SlcaError(f"cannot list {folder} ({exc.strerror or exc.__class__.__name__}); make it readable") from None
+
+
+def _kind(entry: os.DirEntry) -> str:
+    """dir, file (regular, links followed), broken (dangling or looping link) or special (pipe, socket, device)."""
+    try:
+        if entry.is_dir():
+            return "dir"
+        if entry.is_file():
+            return "file"
+    except OSError:  # a link loop raises ELOOP
+        return "broken"
+    return "broken" if entry.is_symlink() else "special"
+
+
 def scan_image_folder(split_dir: Path, flag_hint: str) -> Tuple[List[str], List[Path], List[int]]:
-    """``split_dir/<class>/*`` -> (class names sorted, files, labels)."""
+    """``split_dir/<class>/<image>`` -> (class names sorted, files, labels).
+
+    Class names are compared in Unicode NFC form (macOS writes NFD), so the same name typed on two systems is one
+    class. Skipped, by design: names starting with a dot (hidden, macOS ``._*`` files), loose files next to the class
+    folders, sub-folders inside a class folder and files without an image extension. Errors: a class folder with
+    no images, an image-named entry that is a broken or looping link or not a regular file. Links are followed one
+    level only (no recursion), so link loops cannot hang the scan."""
     if not split_dir.is_dir():
         raise SlcaError(f"{split_dir} is not a folder; {flag_hint} must hold train/<class>/* and test/<class>/*")
-    classes = sorted(p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    folders: dict = {}
+    for entry in _list_folder(split_dir):
+        if entry.name.startswith("."):
+            continue
+        kind = _kind(entry)
+        if kind == "broken":
+            raise SlcaError(f"{split_dir / entry.name} is a broken or looping link; fix it or remove it")
+        if kind != "dir":
+            continue
+        name = unicodedata.normalize("NFC", entry.name)
+        if name in folders:
+            raise SlcaError(f"{split_dir} has two class folders named {name!r} (in different Unicode forms); "
+                            f"rename or merge them")
+        folders[name] = split_dir / entry.name
+    classes = sorted(folders)
     if not classes:
         raise SlcaError(f"{split_dir} has no class folders; expected {split_dir}/<class>/<image>")
     files, labels = [], []
     for label, name in enumerate(classes):
-        found = sorted(p for p in (split_dir / name).iterdir()
-                       if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        found = []
+        for entry in _list_folder(folders[name]):
+            if entry.name.startswith(".") or os.path.splitext(entry.name)[1].lower() not in IMAGE_EXTENSIONS:
+                continue
+            kind = _kind(entry)
+            if kind == "broken":
+                raise SlcaError(f"{folders[name] / entry.name} is a broken or looping link; fix it or remove it")
+            if kind == "special":
+                raise SlcaError(f"{folders[name] / entry.name} is not a regular file (a pipe, socket or device); "
+                                f"remove it")
+            if kind == "file":
+                found.append(folders[name] / entry.name)
         if not found:
-            raise SlcaError(f"class folder {split_dir / name} has no images ({', '.join(IMAGE_EXTENSIONS)}); "
+            raise SlcaError(f"class folder {folders[name]} has no images ({', '.join(IMAGE_EXTENSIONS)}); "
                             f"add images or remove the folder")
         files.extend(found)
         labels.extend([label] * len(found))
