@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from .errors import SlcaError
 from .model import ContinualModel
+from .signals import worker_init
 from .stages import mark
 
 
@@ -24,7 +25,8 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int, wor
                 pin_memory: bool = False) -> DataLoader:
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, num_workers=workers,
-                      pin_memory=pin_memory, drop_last=False, persistent_workers=False)
+                      pin_memory=pin_memory, drop_last=False, persistent_workers=False,
+                      worker_init_fn=worker_init if workers > 0 else None)
 
 
 def fit_task(model: ContinualModel, loader: DataLoader, accelerator, *, task: int, label_offset: int, epochs: int,

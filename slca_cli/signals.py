@@ -33,17 +33,24 @@ _pending: Optional[int] = None
 def _handler(signum, frame) -> None:
     global _pending
     if os.getpid() != _owner_pid:
-        # A forked child (a data-loader worker) inherited this handler: behave as Python does by default.
-        if signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        signal.signal(signum, signal.SIG_DFL)
-        os.kill(os.getpid(), signum)
-        return
+        # A forked data-loader worker inherited this handler. KeyboardInterrupt makes torch's worker loop exit
+        # quietly (status 0); dying by the signal instead would make torch raise "worker killed" in the main
+        # process before the main process's own handler could stop the run cleanly.
+        raise KeyboardInterrupt
     if _depth > 0:
         if _pending is None:
             _pending = signum
         return
     raise RunInterrupted(signum)
+
+
+def worker_init(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: torch gives its workers a SIGTERM handler that dies by the signal unless it
+    came from the main process, and the main process then raises "worker killed by signal" (a traceback) over
+    our clean stop. A scheduler signals every process of the job, so while a run is guarded the workers use our
+    handler instead, and exit quietly."""
+    if _owner_pid is not None:
+        signal.signal(signal.SIGTERM, _handler)
 
 
 @contextmanager

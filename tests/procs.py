@@ -11,10 +11,11 @@ from conftest import REPO
 class Running:
     """`python -m slca_cli ARGS` in a fresh process whose stderr lines are collected as they come."""
 
-    def __init__(self, args, env=None):
+    def __init__(self, args, env=None, own_group=False):
         full_env = dict(os.environ, PYTHONPATH=str(REPO), SLCA_TRACE="1", PYTHONUNBUFFERED="1", **(env or {}))
         self.proc = subprocess.Popen([sys.executable, "-m", "slca_cli", *map(str, args)], stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True, env=full_env, cwd=REPO)
+                                     stderr=subprocess.PIPE, text=True, env=full_env, cwd=REPO,
+                                     start_new_session=own_group)
         self.lines, self._out = [], []
         self._readers = [threading.Thread(target=self._read, args=(pipe, sink), daemon=True)
                          for pipe, sink in ((self.proc.stderr, self.lines), (self.proc.stdout, self._out))]

@@ -135,3 +135,15 @@ def test_sigint_mid_epoch_exits_130_with_the_resume_command(tmp_path):
     assert "task-01 of" in message[0] and message[0].endswith("--resume")
     assert "Traceback" not in "\n".join(run.lines)
     assert not (out / "seed-1993" / ".slca.lock").exists()
+
+
+def test_sigterm_to_the_whole_job_with_loader_workers(tmp_path):
+    """Schedulers signal every process of a job, data-loader workers included: still one line and 143."""
+    out = tmp_path / "run"
+    run = Running(["train", *RUN, "--out", out, "--workers", 2], env={"SLCA_STALL_AT": "fit task=2 epoch=1 batch=2"},
+                  own_group=True)
+    run.wait_for("stalled at fit task=2 epoch=1 batch=2")
+    os.killpg(run.proc.pid, signal.SIGTERM)
+    assert run.finish() == 143
+    assert len(run.errors) == 1 and "interrupted by SIGTERM during seed 1993, task 2" in run.errors[0], run.lines
+    assert not (out / "seed-1993" / ".slca.lock").exists()
