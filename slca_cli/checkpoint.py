@@ -114,6 +114,7 @@ def write_folder(parent: Path, name: str, tensor_files: Dict[str, Tuple[Dict[str
     hidden partial folder that is renamed into place last, so the folder is either complete or absent."""
     final = Path(parent) / name
     partial = Path(parent) / f".{name}.partial"
+    mark("save", folder=name, file="start")
     remove_path(partial)
     partial.mkdir(parents=True)
     state = dict(state)
@@ -128,6 +129,7 @@ def write_folder(parent: Path, name: str, tensor_files: Dict[str, Tuple[Dict[str
         stale = Path(parent) / f".{name}.stale"
         remove_path(stale)
         os.replace(final, stale)
+        mark("save", folder=name, file="swap")  # the one moment without NAME/: recovery.py repairs a kill here
         os.replace(partial, final)
         remove_path(stale)
     else:

@@ -13,6 +13,7 @@ from . import stages
 from .checkpoint import STATE_FILE, task_dir_name
 from .errors import SlcaError
 from .lock import RunLock
+from .recovery import tidy_run_folder
 from .signals import RunInterrupted, stop_signals_handled
 
 _OOM_TYPES = tuple({t for t in (getattr(torch, "OutOfMemoryError", None),
@@ -66,19 +67,26 @@ def oom_message(exc: BaseException, seed: int, run_dir: Path, batch_size: int, m
 
 @contextmanager
 def guarded_seed(run_dir: Path, seed: int, batch_size: int, log: Callable[[str], None] = print) -> Iterator[None]:
-    """Lock ``run_dir`` and turn SIGINT / SIGTERM into ``RunInterrupted`` and out-of-memory into a SlcaError."""
+    """Lock ``run_dir`` (repairing what a crash left in it) and turn SIGINT / SIGTERM into ``RunInterrupted``,
+    out-of-memory and file-system errors (disk full, permissions) into a one-line SlcaError."""
     stages.reset()
-    with RunLock(run_dir, log=log), stop_signals_handled():
-        try:
+    try:
+        with RunLock(run_dir, log=log), stop_signals_handled():
+            for message in tidy_run_folder(run_dir):
+                log(message)
             yield
-        except MemoryError:
-            raise SlcaError(oom_message(MemoryError(), seed, run_dir, batch_size, "host")) from None
-        except RuntimeError as exc:
-            if not is_out_of_memory(exc):
-                raise
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            raise SlcaError(oom_message(exc, seed, run_dir, batch_size, "GPU")) from None
+    except MemoryError:
+        raise SlcaError(oom_message(MemoryError(), seed, run_dir, batch_size, "host")) from None
+    except OSError as exc:
+        what = f"{exc.strerror or exc.__class__.__name__}" + (f": {exc.filename}" if exc.filename else "")
+        raise SlcaError(f"{what} during seed {seed}, {stages.describe()}; {saved_summary(run_dir)}. Fix it (free "
+                        f"disk space, permissions, --out) and add --resume") from None
+    except RuntimeError as exc:
+        if not is_out_of_memory(exc):
+            raise
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        raise SlcaError(oom_message(exc, seed, run_dir, batch_size, "GPU")) from None
 
 
 def stop_exit_code(stop: BaseException) -> int:

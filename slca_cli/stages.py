@@ -58,6 +58,8 @@ def describe(where: Optional[Dict[str, object]] = None) -> str:
     stage = str(where.get("stage"))
     text = f"task {where['task']}, " if "task" in where else ""
     text += STAGE_NAMES.get(stage, stage)
+    if "folder" in where:
+        text += f" {where['folder']}/"
     if "epoch" in where:
         text += f" (epoch {where['epoch']})"
     return text

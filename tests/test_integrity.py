@@ -269,3 +269,42 @@ def test_out_of_memory_names_the_flag_to_lower(tmp_path, cli, monkeypatch, where
     assert_one_line_error(code, err, f"out of GPU memory during seed 1993, task 2, {stage}",
                           "lower --batch-size (now 4", "task-01 of", "is saved")
     assert not (tmp_path / "seed-1993" / ".slca.lock").exists()
+
+
+# -- crashes at the file-system level -------------------------------------------------------------------------
+
+def test_a_kill_between_the_renames_of_a_task_folder_is_repaired(finished_run, cli, tmp_path):
+    """What a kill leaves when it lands while task-03/ is being replaced: no task-03/, the old copy in
+    .task-03.stale/ and the new complete one in .task-03.partial/."""
+    _, copy = copy_run(finished_run, tmp_path)
+    shutil.copytree(copy / "task-03", copy / ".task-03.partial")
+    (copy / "task-03").rename(copy / ".task-03.stale")
+    (copy / ".metrics.json.x1y2.tmp").write_text("half")
+    code, out, err = cli("train", *FINISHED, "--out", tmp_path, "--resume")
+    assert code == 0, err
+    assert f"recovered {copy / 'task-03'}" in out and "(3/3 tasks done)" in out
+    assert not [p.name for p in copy.iterdir() if p.name.startswith(".")]
+
+
+def test_a_full_disk_is_one_line_and_resumable(tmp_path, cli, monkeypatch):
+    import errno
+    import slca_cli.checkpoint as checkpoint
+    real_save = checkpoint.save_file
+    calls = []
+
+    def disk_full_on_task_two(tensors, path, metadata=None):
+        calls.append(path)
+        if "task-02" in path:
+            raise OSError(errno.ENOSPC, "No space left on device", path)
+        return real_save(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(checkpoint, "save_file", disk_full_on_task_two)
+    args = [*TINY, "--tasks", 2, "--epochs", 1, "--num-classes", 4, "--train-per-class", 4, "--test-per-class", 2,
+            "--out", tmp_path]
+    code, _, err = cli("train", *args)
+    assert_one_line_error(code, err, "No space left on device", ".task-02.partial/model.safetensors",
+                          "seed 1993, writing the checkpoint task-02/", "task-01 of", "--resume")
+    monkeypatch.setattr(checkpoint, "save_file", real_save)
+    code, out, err = cli("train", *args, "--resume")
+    assert code == 0, err
+    assert "after task-01" in out and not (tmp_path / "seed-1993" / ".task-02.partial").exists()

@@ -91,8 +91,14 @@ def test_mid_task_checkpoints_resume_at_the_saved_epoch(straight, tmp_path):
     assert "resuming task 2 after epoch 1" in run.stdout
     assert (run_dir / ".in-progress.partial").exists()
     assert read_json(run_dir / "in-progress" / "state.json")["epoch"] == 1
+    # Killed between the two renames that replace in-progress/: only the hidden copies exist ...
+    kill_at("save folder=in-progress file=swap", out, "--checkpoint-every", 1, resume=True)
+    assert not (run_dir / "in-progress").exists()
+    assert read_json(run_dir / ".in-progress.partial" / "state.json")["epoch"] == 2
     final = resume(out, "--checkpoint-every", 1)
-    assert "resuming task 2 after epoch 1" in final.stdout
+    # ... and the complete new one is put in place: task 2 continues after its last epoch.
+    assert f"recovered {run_dir / 'in-progress'}" in final.stdout
+    assert "resuming task 2 after epoch 2" in final.stdout
     assert "task 1/2" not in final.stdout and "task 2/2" in final.stdout
     assert_same_results(run_dir, straight)
 
