@@ -104,7 +104,8 @@ def train(
     for s in dict.fromkeys(seed):
         run_dir = out / f"seed-{s}"
         try:
-            with guarded_seed(run_dir, s, cfg.batch_size, log):
+            with guarded_seed(run_dir, s, cfg.batch_size, log, accelerator.is_main_process,
+                              accelerator.wait_for_everyone):
                 results.append(run_seed(cfg, s, run_dir, accelerator, data, resume=resume, log=log,
                                         show_progress=progress, checkpoint_every=checkpoint_every))
         except KeyboardInterrupt as stop:  # SIGINT / SIGTERM: the checkpoint being written was finished first

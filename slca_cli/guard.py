@@ -3,7 +3,7 @@ turned into advice. Used by the CLI around ``runner.run_seed``."""
 from __future__ import annotations
 
 import shlex
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Callable, Iterator, List, Sequence
 
@@ -66,14 +66,19 @@ def oom_message(exc: BaseException, seed: int, run_dir: Path, batch_size: int, m
 
 
 @contextmanager
-def guarded_seed(run_dir: Path, seed: int, batch_size: int, log: Callable[[str], None] = print) -> Iterator[None]:
+def guarded_seed(run_dir: Path, seed: int, batch_size: int, log: Callable[[str], None] = print,
+                 is_main_process: bool = True, wait_for_everyone: Callable[[], None] = lambda: None
+                 ) -> Iterator[None]:
     """Lock ``run_dir`` (repairing what a crash left in it) and turn SIGINT / SIGTERM into ``RunInterrupted``,
-    out-of-memory and file-system errors (disk full, permissions) into a one-line SlcaError."""
+    out-of-memory and file-system errors (disk full, permissions) into a one-line SlcaError. With several
+    processes (accelerate launch) the main one holds the lock and repairs; the others wait for it."""
     stages.reset()
     try:
-        with RunLock(run_dir, log=log), stop_signals_handled():
-            for message in tidy_run_folder(run_dir):
-                log(message)
+        with (RunLock(run_dir, log=log) if is_main_process else nullcontext()), stop_signals_handled():
+            if is_main_process:
+                for message in tidy_run_folder(run_dir):
+                    log(message)
+            wait_for_everyone()
             yield
     except MemoryError:
         raise SlcaError(oom_message(MemoryError(), seed, run_dir, batch_size, "host")) from None

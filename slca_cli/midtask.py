@@ -174,13 +174,14 @@ class TaskEpochs:
             cuda = [tensors[k] for k in sorted(tensors) if k.startswith("rng/cuda/")]
             if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
                 torch.cuda.set_rng_state_all(cuda)
+            losses = [float(v) for v in state["losses"]]
         except (SafetensorError, OSError, RuntimeError, ValueError, KeyError, TypeError) as exc:
             raise SlcaError(f"{folder} does not fit this run ({exc.__class__.__name__}: {str(exc)[:160]}); delete "
                             f"it to restart task {self.task + 1} from its first epoch") from None
         if hasattr(train_loader, "set_epoch"):
             train_loader.set_epoch(state["epoch"])
         self.owner.pending = None
-        return int(state["epoch"]), [float(v) for v in state["losses"]]
+        return int(state["epoch"]), losses
 
     def epoch_done(self, epoch: int, accelerator, model, optimizer, schedule, loader, losses: List[float]) -> None:
         """After epoch ``epoch`` (0-based) and its scheduler step: save when it is an ``every``-th epoch."""
