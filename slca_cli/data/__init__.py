@@ -44,23 +44,26 @@ def _folder(root, num_classes, train_per_class, test_per_class):
     return image_folder_splits("folder", folder, "crop", train_per_class, test_per_class)
 
 
-def _cifar100(root, num_classes, train_per_class, test_per_class):
-    return cifar100_splits(root, train_per_class, test_per_class)
+def _on_disk(splits: Callable[..., DatasetSplits]) -> Callable[..., DatasetSplits]:
+    """A loader of the registry's signature for a benchmark whose classes are fixed on disk."""
+    def loader(root, num_classes, train_per_class, test_per_class):
+        return splits(root, train_per_class, test_per_class)
+    return loader
 
 
 DATASETS: Dict[str, DatasetInfo] = {
     "synthetic": DatasetInfo("synthetic", "generated colour/texture classes, any number (--num-classes)",
                              "nothing on disk: generated on the fly", False, _synthetic),
     "cifar100": DatasetInfo("cifar100", "Split CIFAR-100: 100 classes, 10 tasks of 10, 50,000 / 10,000 images",
-                            CIFAR100_LAYOUT + "; downloaded by torchvision when online", True, _cifar100,
+                            CIFAR100_LAYOUT + "; downloaded by torchvision when online", True, _on_disk(cifar100_splits),
                             (100, 50_000, 10_000)),
     "imagenet-r": DatasetInfo("imagenet-r", "Split ImageNet-R: 200 classes, 10 tasks of 20, our fixed 80/20 split "
-                              "(24,000 / 6,000)", imagenet_r.LAYOUT, True, imagenet_r.imagenet_r_splits,
+                              "(24,000 / 6,000)", imagenet_r.LAYOUT, True, _on_disk(imagenet_r.imagenet_r_splits),
                               (200, 24_000, 6_000)),
     "cub200": DatasetInfo("cub200", "Split CUB-200-2011: 200 classes, 10 tasks of 20, official split "
-                          "(5,994 / 5,794)", cub200.LAYOUT, True, cub200.cub200_splits, (200, 5_994, 5_794)),
+                          "(5,994 / 5,794)", cub200.LAYOUT, True, _on_disk(cub200.cub200_splits), (200, 5_994, 5_794)),
     "cars196": DatasetInfo("cars196", "Split Cars-196: 196 classes, 9 tasks of 20 + 16, official split "
-                           "(8,144 / 8,041)", cars196.LAYOUT, True, cars196.cars196_splits, (196, 8_144, 8_041)),
+                           "(8,144 / 8,041)", cars196.LAYOUT, True, _on_disk(cars196.cars196_splits), (196, 8_144, 8_041)),
     "folder": DatasetInfo("folder", "your own images: class folders under train/ and test/",
                           FOLDER_LAYOUT + " (required: --data-root)", True, _folder),
 }
