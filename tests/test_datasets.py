@@ -1,6 +1,5 @@
 """The benchmarks' real layouts (tiny fake copies): split sizes, class counts, class ids, archives, prepare."""
 import hashlib
-import json
 import pathlib
 import shutil
 import tarfile
@@ -315,28 +314,28 @@ def test_train_on_imagenet_r_records_the_split_in_the_run_folder(imagenet_r_tree
     out = tmp_path / "run"
     code, _, err = cli("train", "--dataset", "imagenet-r", "--data-root", imagenet_r_tree, "--backbone",
                        "vit-tiny-test", "--device", "cpu", "--epochs", 1, "--train-per-class", 1, "--test-per-class",
-                       1, "--workers", 0, "--ca-samples", 4, "--no-progress", "--out", out)
+                       1, "--workers", 0, "--ca-samples", 4, "--ca-epochs", 1, "--tasks", 2, "--no-progress",
+                       "--out", out)
     assert code == 0, err
     run = out / "seed-1993"
     split = read_json(run / SPLIT_FILE)
     assert split["split_sha256"] == FAKE_SPLIT_SHA256 and len(split["train"]) == 800
-    config = read_json(run / "config.json")
-    assert config["task_sizes"] == [20] * 10
     metrics = read_json(run / "metrics.json")
     # At most one test image per class; the split is not stratified, so a few small classes have none.
     with_test = len(load_dataset("imagenet-r", str(imagenet_r_tree), test_per_class=1).test)
     assert sum(metrics["counts"][-1]["total"]) == with_test and 100 < with_test < 200
-    code, stdout, err = cli("eval", run / "task-10", "--device", "cpu", "--no-progress")
+    code, stdout, err = cli("eval", run / "task-02", "--device", "cpu", "--no-progress")
     assert code == 0 and "matches the stored" in stdout, err
 
 
-def test_train_on_cars_devkit_uses_the_protocol_task_sizes(tmp_path, cli):
-    write_cars_devkit(tmp_path / "cars")
-    out = tmp_path / "run"
-    code, _, err = cli("train", "--dataset", "cars196", "--data-root", tmp_path / "cars", "--backbone",
-                       "vit-tiny-test", "--device", "cpu", "--epochs", 1, "--train-per-class", 1, "--workers", 0,
-                       "--ca-samples", 4, "--ca-epochs", 1, "--no-progress", "--out", out)
-    assert code == 0, err
-    config = read_json(out / "seed-1993" / "config.json")
-    assert config["task_sizes"] == [20] * 9 + [16] and config["config"]["tau"] == 0.05
-    assert json.dumps(config["class_names"]).count("Ram C-V") == 1
+@pytest.mark.parametrize("dataset, sizes, tau", [("imagenet-r", [20] * 10, 0.1), ("cub200", [20] * 10, 0.1),
+                                                 ("cars196", [20] * 9 + [16], 0.05)])
+def test_benchmarks_resolve_to_the_protocol(tmp_path, imagenet_r_tree, dataset, sizes, tau):
+    from slca_cli.runner import resolve_run
+    root = {"imagenet-r": lambda: imagenet_r_tree, "cub200": lambda: write_cub(tmp_path),
+            "cars196": lambda: write_cars_devkit(tmp_path)}[dataset]()
+    cfg, data = resolve_run(dataset, "vit-tiny-test", "slca", {"data_root": str(root)})
+    assert list(cfg.task_sizes) == sizes and cfg.tau == tau and cfg.epochs == 50 and cfg.lr_drop_epoch == 40
+    assert cfg.mean == (0.485, 0.456, 0.406)
+    style = {"imagenet-r": "crop", "cub200": "fine-grained", "cars196": "fine-grained"}[dataset]
+    assert data.transform_style == style
