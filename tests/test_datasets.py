@@ -288,6 +288,20 @@ def test_prepare_offline_says_where_to_put_which_file(tmp_path, cli, monkeypatch
     assert_one_line_error(code, err, "imagenet-r.tar", "slca datasets prepare imagenet-r")
 
 
+def test_data_root_holding_several_datasets(imagenet_r_tree, tmp_path):
+    shared = tmp_path / "data"
+    shutil.copytree(imagenet_r_tree / "imagenet-r", shared / "imagenet-r")
+    write_cub(shared)
+    write_image_tree(shared / "some-images", ["a", "b"], per_split=(1, 1))
+    assert load_dataset("imagenet-r", str(shared)).records[SPLIT_FILE]["split_sha256"] == FAKE_SPLIT_SHA256
+    assert load_dataset("cub200", str(shared)).num_classes == 200
+
+
+def test_prepare_cifar100_offline_without_download(tmp_path, cli):
+    code, _, err = cli("datasets", "prepare", "cifar100", "--data-root", tmp_path / "empty", "--no-download")
+    assert_one_line_error(code, err, "does not exist", "cifar-100-python", "cifar100-png.tar.gz")
+
+
 def test_prepare_and_train_on_a_wrong_layout_name_the_expected_one(tmp_path, cli):
     (tmp_path / "random").mkdir()
     (tmp_path / "random" / "notes.txt").write_text("x")

@@ -155,12 +155,12 @@ def _subfolders(folder: Path) -> List[Path]:
 
 def find_layout(root: Path, detectors: Dict[str, Detector], hints: Iterable[str] = (),
                 depth: int = 3) -> Optional[Tuple[str, Path]]:
-    """The first (layout, folder) whose detector accepts ``root``, a hinted subfolder of it, or the folder that
-    a chain of single subfolders leads to (archives unpack into one top folder)."""
+    """The first (layout, folder) whose detector accepts a hinted subfolder of ``root``, ``root`` itself, or the
+    folder that a chain of single subfolders leads to (archives unpack into one top folder)."""
     hints = tuple(hints)
     current = root
     for _ in range(depth + 1):
-        for folder in [current] + [current / h for h in hints]:
+        for folder in [current / h for h in hints] + [current]:  # a named subfolder before a guess
             if folder.is_dir():
                 for layout, detect in detectors.items():
                     if detect(folder):
