@@ -72,11 +72,12 @@ def make_vit() -> VisionTransformer:
 def build_selfsup_vit(checkpoint: Checkpoint, backbone: str, weights: Optional[str], pretrained: bool) -> nn.Module:
     """The ViT with the checkpoint's weights: ``weights`` if given, else the cached (or downloaded) file;
     random with ``pretrained=False`` (used by ``slca eval``, which loads the run's own weights next)."""
-    model = make_vit()
     if weights is None and not pretrained:
-        return model
+        return make_vit()
     path = Path(weights) if weights else fetch(checkpoint.url, checkpoint.filename, backbone)
-    load_into(model, encoder_state(read_state_dict(path), checkpoint, str(path)), str(path), head_prefixes=())
+    state = encoder_state(read_state_dict(path), checkpoint, str(path))
+    model = make_vit()
+    load_into(model, state, str(path), head_prefixes=())
     return model
 
 
