@@ -1,5 +1,11 @@
 """EfficientNet-Lite0 on the real ImageNet-1k weights of the registry package: the renaming onto timm, its
 predictions on real photos, BatchNorm statistics frozen during the slow learner, and whole CLI runs."""
+import os
+import tarfile
+from collections import Counter
+from pathlib import Path
+from typing import List
+
 import pytest
 import torch
 from PIL import Image
@@ -10,7 +16,7 @@ from backbones import efficientnet
 from slca_cli.data.transforms import build_transforms
 from slca_cli.errors import SlcaError
 
-from conftest import assert_one_line_error, read_json
+from conftest import REPO, assert_one_line_error, read_json
 
 skimage_data = pytest.importorskip("skimage.data", reason="scikit-image ships the sample photos (dev extra)")
 PACKAGE_FILE = efficientnet.package_file()
@@ -116,3 +122,47 @@ def test_cli_update_bn_moves_the_statistics_and_fresh_norm_is_refused(cli, tmp_p
     assert not torch.equal(tensors["backbone.bn1.running_mean"], package_state["_bn0.running_mean"])
     code, _, err = cli("train", *SMALL_RUN, "--fresh-norm", "--out", tmp_path / "f")
     assert_one_line_error(code, err, "--fresh-norm", "--keep-norm")
+
+
+# ---------------------------------------------------------------- real data: CIFAR-100 as an image folder
+
+CIFAR_PNG = Path(os.environ.get("SLCA_CIFAR100_PNG", REPO.parent.parent / "shared" / "data" / "cifar100-png.tar.gz"))
+if not CIFAR_PNG.is_file():
+    CIFAR_PNG = Path("/work/shared/data/cifar100-png.tar.gz")
+
+
+def extract_class_subset(archive: Path, dest: Path, per_split, every: int) -> List[str]:
+    """Every ``every``-th class of the archive's train/<class>/*.png, test/<class>/*.png, the first
+    ``per_split[split]`` files of each, in archive order (deterministic)."""
+    names = sorted({m.split("/")[1] for m in tarfile.open(archive, "r:gz").getnames() if m.count("/") == 2})
+    keep = set(names[::every])
+    taken = Counter()
+    with tarfile.open(archive, "r:gz") as tar:
+        for member in tar:
+            parts = member.name.split("/")
+            if len(parts) != 3 or not member.isfile() or parts[1] not in keep:
+                continue
+            if taken[parts[0], parts[1]] < per_split[parts[0]]:
+                taken[parts[0], parts[1]] += 1
+                target = dest.joinpath(*parts)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(tar.extractfile(member).read())
+    return sorted(keep)
+
+
+@pytest.mark.skipif(not CIFAR_PNG.is_file(), reason="needs shared/data/cifar100-png.tar.gz (or $SLCA_CIFAR100_PNG)")
+def test_folder_run_on_real_cifar100_images_and_real_weights(cli, tmp_path):
+    """`slca train --dataset folder` on real CIFAR-100 PNGs (20 classes, 10 tasks) with the real weights:
+    every task runs, the result is far above chance, and `slca eval` reproduces the last task."""
+    classes = extract_class_subset(CIFAR_PNG, tmp_path / "cifar100", {"train": 6, "test": 3}, every=5)
+    assert len(classes) == 20
+    run = tmp_path / "run"
+    code, out, err = cli("train", "--dataset", "folder", "--data-root", tmp_path / "cifar100", "--backbone",
+                         "efficientnet-lite0-in1k", "--tasks", 10, "--epochs", 1, "--image-size", 64, "--ca-samples",
+                         32, "--batch-size", 32, "--workers", 0, "--device", "cpu", "--no-progress", "--out", run)
+    assert code == 0, err
+    metrics = read_json(run / "seed-1993" / "metrics.json")
+    assert metrics["tasks_done"] == 10 and len(metrics["task_accuracy"]) == 10
+    assert metrics["last_acc"] > 3 * 100 / 20, metrics["task_accuracy"]  # chance is 5%
+    code, out, err = cli("eval", run / "seed-1993" / "task-10", "--device", "cpu", "--no-progress")
+    assert code == 0 and "matches the stored" in out, (out, err)
