@@ -82,11 +82,11 @@ def _tolerant(filter_fn):
     return apply
 
 
-def create_timm(model_name: str, weights: Optional[str], pretrained: bool) -> nn.Module:
+def create_timm(model_name: str, weights: Optional[str], pretrained: bool, **kwargs) -> nn.Module:
     """timm model without classifier (``forward`` gives pooled features): from ``weights``, from the hub, or
-    random with ``pretrained=False`` (``slca eval`` loads the run's own weights next)."""
+    random with ``pretrained=False`` (``slca eval`` loads the run's own weights next). ``kwargs`` go to timm."""
     if weights or not pretrained:
-        model = timm.create_model(model_name, pretrained=False, num_classes=0)
+        model = timm.create_model(model_name, pretrained=False, num_classes=0, **kwargs)
         if weights:
             load_local_weights(model, weights)
         return model
@@ -95,7 +95,7 @@ def create_timm(model_name: str, weights: Optional[str], pretrained: bool) -> nn
         reason = "the hub is not reachable and the weights are not in the local cache"
     else:
         try:
-            return timm.create_model(model_name, pretrained=True, num_classes=0)
+            return timm.create_model(model_name, pretrained=True, num_classes=0, **kwargs)
         except Exception as exc:
             reason = str(exc).splitlines()[0][:120] if str(exc) else exc.__class__.__name__
     where = f" of {repo}" if repo else ""

@@ -65,8 +65,9 @@ def encoder_state(raw: Dict[str, torch.Tensor], checkpoint: Checkpoint, source: 
 
 
 def make_vit() -> VisionTransformer:
-    """timm ViT without classifier: ``forward`` gives the CLS token after the final norm."""
-    return VisionTransformer(num_classes=0, **VIT_B16)
+    """timm ViT without classifier: ``forward`` gives the CLS token after the final norm. Position embeddings
+    are resampled for inputs other than the checkpoint's size (``--image-size``)."""
+    return VisionTransformer(num_classes=0, dynamic_img_size=True, **VIT_B16)
 
 
 def build_selfsup_vit(checkpoint: Checkpoint, backbone: str, weights: Optional[str], pretrained: bool) -> nn.Module:

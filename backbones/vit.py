@@ -12,6 +12,7 @@ from .hub import HF_CACHE_DOC, create_timm, hub_cached, hub_reachable  # noqa: F
 from .registry import BackboneSpec, register_backbone
 from .weights import load_into, read_state_dict
 
+# Built with dynamic_img_size: the position embeddings are resampled when --image-size is not 224 (identical at 224).
 IN21K = "vit_base_patch16_224.augreg_in21k"
 # The ImageNet-1k fine-tune of that same AugReg run, as Google released it (the B_16-i21k-300ep-...-imagenet2012
 # .npz that the authors' code names for vit_base_patch16_224); augreg2 is a later re-tune by timm.
@@ -21,7 +22,8 @@ IN1K = "vit_base_patch16_224.augreg_in21k_ft_in1k"
 def _hub_vit(model_name: str, name: str, description: str, aliases) -> None:
     repo = f"timm/{model_name}"
     register_backbone(BackboneSpec(
-        name=name, build=lambda weights=None, pretrained=True: create_timm(model_name, weights, pretrained),
+        name=name, build=lambda weights=None, pretrained=True: create_timm(model_name, weights, pretrained,
+                                                                          dynamic_img_size=True),
         description=description, family=name.rsplit("-", 1)[-1], image_size=224, mean=(0.5, 0.5, 0.5),
         std=(0.5, 0.5, 0.5), weights_source=f"hub {repo} ({HF_CACHE_DOC}) or --weights FILE",
         weights_present=lambda: hub_cached(repo), aliases=aliases))

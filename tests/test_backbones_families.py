@@ -115,6 +115,7 @@ def test_vit_b16_in1k_from_a_full_size_google_npz(tmp_path, vit_b16_state):
     assert_same_weights(model, vit_b16_state)
     with torch.no_grad():
         assert model.eval()(torch.randn(1, 3, 224, 224)).shape == (1, 768)
+        assert model(torch.randn(1, 3, 32, 32)).shape == (1, 768)  # --image-size 32: position embeddings resampled
 
 
 # ---------------------------------------------------------------- MoCo v3
@@ -201,6 +202,7 @@ def test_full_checkpoint_gives_the_teacher(small_selfsup, tmp_path, name, loss_k
     model = backbones.get_backbone(name).build(str(tmp_path / "checkpoint.pth"), True)
     assert_same_weights(model, teacher)
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 32)
+    assert model(torch.randn(2, 3, 48, 48)).shape == (2, 32)  # another --image-size
 
 
 @pytest.mark.parametrize("layout", ["bare", "state_dict", "state_dict+backbone.", "student+masked_embed"])
