@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from .errors import SlcaError
-from .model import ContinualModel
+from .model import ContinualModel, freeze_batchnorm_statistics
 
 
 def default_workers(tensor_data: bool) -> int:
@@ -28,9 +28,10 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int, wor
 
 def fit_task(model: ContinualModel, loader: DataLoader, accelerator, *, task: int, label_offset: int, epochs: int,
              lr_backbone: float, lr_head: float, momentum: float, weight_decay: float,
-             lr_drop_epoch: Optional[int], show_progress: bool = True) -> List[float]:
+             lr_drop_epoch: Optional[int], freeze_bn: bool = False, show_progress: bool = True) -> List[float]:
     """Train the backbone (``lr_backbone``) and the current head (``lr_head``) with cross-entropy over the
-    current head only; earlier heads stay frozen. Returns the mean loss of each epoch."""
+    current head only; earlier heads stay frozen; with ``freeze_bn`` BatchNorm keeps its running statistics.
+    Returns the mean loss of each epoch."""
     for i, head in enumerate(model.task_heads):
         head.requires_grad_(i == task)
     model.backbone.requires_grad_(lr_backbone > 0)
@@ -46,6 +47,8 @@ def fit_task(model: ContinualModel, loader: DataLoader, accelerator, *, task: in
                disable=not (show_progress and accelerator.is_main_process))
     for epoch in range(epochs):
         train_model.train()
+        if freeze_bn:
+            freeze_batchnorm_statistics(model.backbone)
         total, seen = 0.0, 0
         for images, labels in train_loader:
             with accelerator.autocast():

@@ -209,7 +209,8 @@ def run_seed(cfg: RunConfig, seed: int, run_dir: Path, accelerator, data: Datase
         loader = make_loader(train_set, cfg.batch_size, True, task_seed(seed, task), workers, pin)
         fit_task(model, loader, accelerator, task=task, label_offset=offset, epochs=cfg.epochs,
                  lr_backbone=cfg.lr_backbone, lr_head=cfg.lr_head, momentum=cfg.momentum,
-                 weight_decay=cfg.weight_decay, lr_drop_epoch=cfg.lr_drop_epoch, show_progress=show_progress)
+                 weight_decay=cfg.weight_decay, lr_drop_epoch=cfg.lr_drop_epoch, freeze_bn=cfg.freeze_bn,
+                 show_progress=show_progress)
 
         # Class statistics of the new classes: test transform, eval mode, computed once.
         stats_set = RemappedSubset(data.train, remap, new_classes, transform=data.test.transform)
@@ -325,7 +326,8 @@ def resolve_run(dataset: str, backbone: str, method: str, flags: Dict[str, Any])
     sizes = resolve_task_sizes(data.num_classes, *split)
     cfg = resolve_config(dataset, spec.name, method, backbone_family=spec.family,
                          backbone_image_size=spec.image_size, backbone_mean=spec.mean, backbone_std=spec.std,
-                         num_classes=data.num_classes, task_sizes=sizes, overrides=flags)
+                         num_classes=data.num_classes, task_sizes=sizes, overrides=flags,
+                         backbone_defaults=dict(spec.defaults))
     if dataset == "synthetic":
         cfg = cfg.replace(train_per_class=len(data.train) // data.num_classes,
                           test_per_class=len(data.test) // data.num_classes)
