@@ -68,13 +68,20 @@ def train(
                                                           "sampling: task (true task of each class), authors "
                                                           "(their c // task_size) or off."),
     fresh_norm: Optional[bool] = typer.Option(None, "--fresh-norm/--keep-norm",
-                                              help="Authors' quirk: replace the final LayerNorm with a fresh one."),
+                                              help="Authors' quirk: replace the final LayerNorm with a fresh one "
+                                                   "(default: on for ViTs, off for backbones without one)."),
+    freeze_bn: Optional[bool] = typer.Option(None, "--freeze-bn/--update-bn",
+                                             help="BatchNorm backbones (CNNs): keep the pre-trained running "
+                                                  "statistics during the slow learner (default) or update them."),
     restore_stage1_heads: Optional[bool] = typer.Option(
         None, "--restore-stage1-heads/--keep-aligned-heads",
         help="Authors' quirk: after evaluating, the next task starts from the unaligned heads."),
     image_size: Optional[int] = typer.Option(None, help="Input size in pixels (default: the backbone's)."),
     precision: Optional[str] = typer.Option(None, help="auto, fp32, bf16 or fp16."),
     workers: Optional[int] = typer.Option(None, help="Data-loader processes."),
+    skip_bad_images: bool = typer.Option(False, "--skip-bad-images",
+                                         help="Decode every image first and leave unreadable ones out (listed in "
+                                              "the run folder's skipped-images.json) instead of stopping."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     resume: bool = typer.Option(False, "--resume", help="Continue after the last complete task-NN/ folder."),
     checkpoint_every: int = typer.Option(0, help="Also save the task being trained every N epochs "
@@ -89,8 +96,9 @@ def train(
                  num_classes=num_classes, train_per_class=train_per_class, test_per_class=test_per_class,
                  epochs=epochs, lr_drop_epoch=lr_drop_epoch, batch_size=batch_size, lr_backbone=lr_backbone,
                  lr_head=lr_head, ca_epochs=ca_epochs, ca_samples=ca_samples, tau=tau, logit_norm=logit_norm,
-                 mean_scaling=mean_scaling, fresh_norm=fresh_norm, restore_stage1_heads=restore_stage1_heads,
-                 image_size=image_size, precision=precision, workers=workers)
+                 mean_scaling=mean_scaling, fresh_norm=fresh_norm, freeze_bn=freeze_bn,
+                 restore_stage1_heads=restore_stage1_heads, image_size=image_size, precision=precision,
+                 workers=workers, skip_bad_images=skip_bad_images or None)
     if checkpoint_every < 0:
         raise SlcaError(f"--checkpoint-every must be 0 (off) or a number of epochs, got {checkpoint_every}")
     cfg, data = resolve_run(dataset, backbone, method, flags)
@@ -165,6 +173,10 @@ def backbones_command():
         aliases = f" (aliases: {', '.join(spec.aliases)})" if spec.aliases else ""
         typer.echo(f"{spec.name}{aliases}\n    {spec.description}\n    {spec.image_size} px, family {spec.family}; "
                    f"weights: {spec.weights_source}; {present}")
+    from backbones.cache import weights_dir
+    typer.echo(f"timm:<model name>\n    any timm model (e.g. timm:vit_small_patch16_224.augreg_in21k); weights from "
+               f"the Hugging Face hub or --weights FILE\nweights folder (checkpoints not on the hub): {weights_dir()} "
+               f"(set $SLCA_WEIGHTS_DIR to move it)")
 
 
 @datasets_app.callback()
@@ -175,8 +187,29 @@ def datasets_command(ctx: typer.Context):
     from .data import DATASETS, default_data_root
 
     for info in DATASETS.values():
-        where = f"default --data-root {default_data_root(info.name)}" if info.name == "cifar100" else ""
+        where = f"default --data-root {default_data_root(info.name)}" if info.needs_root and \
+            info.name != "folder" else ""
         typer.echo(f"{info.name}\n    {info.description}\n    data: {info.layout}{'; ' + where if where else ''}")
+    typer.echo("\nCheck a dataset, build its split and see its counts: slca datasets prepare NAME --data-root DIR")
+
+
+@datasets_app.command("prepare")
+@user_errors
+def datasets_prepare(
+    name: str = typer.Argument(..., help="Dataset name (see `slca datasets`)."),
+    data_root: Optional[str] = typer.Option(None, help="The dataset's folder or archive (default: the cache "
+                                                       "folder `slca datasets` shows)."),
+    download: bool = typer.Option(True, "--download/--no-download",
+                                  help="Fetch what has a stable public address (CIFAR-100, ImageNet-R) if absent."),
+    check_images: bool = typer.Option(True, "--check-images/--no-check-images",
+                                      help="Decode every image and list the unreadable ones."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars on stderr."),
+):
+    """Check a dataset's files, build our split, print counts per split and class; download when possible."""
+    from .data.prepare import prepare_dataset
+
+    prepare_dataset(name, data_root, download=download, check_images=check_images, show_progress=progress,
+                    echo=typer.echo)
 
 
 def main() -> None:

@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from .errors import SlcaError
-from .model import ContinualModel
+from .model import ContinualModel, freeze_batchnorm_statistics
 from .signals import worker_init
 from .stages import mark
 
@@ -31,10 +31,12 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int, wor
 
 def fit_task(model: ContinualModel, loader: DataLoader, accelerator, *, task: int, label_offset: int, epochs: int,
              lr_backbone: float, lr_head: float, momentum: float, weight_decay: float,
-             lr_drop_epoch: Optional[int], show_progress: bool = True, epoch_checkpoints=None) -> List[float]:
+             lr_drop_epoch: Optional[int], freeze_bn: bool = False, show_progress: bool = True,
+             epoch_checkpoints=None) -> List[float]:
     """Train the backbone (``lr_backbone``) and the current head (``lr_head``) with cross-entropy over the
-    current head only; earlier heads stay frozen. Returns the mean loss of each epoch. ``epoch_checkpoints``
-    (midtask.TaskEpochs) restores an interrupted task's state before the first epoch and saves it after epochs."""
+    current head only; earlier heads stay frozen; with ``freeze_bn`` BatchNorm keeps its running statistics.
+    Returns the mean loss of each epoch. ``epoch_checkpoints`` (midtask.TaskEpochs) restores an interrupted
+    task's state before the first epoch and saves it after epochs."""
     for i, head in enumerate(model.task_heads):
         head.requires_grad_(i == task)
     model.backbone.requires_grad_(lr_backbone > 0)
@@ -52,6 +54,8 @@ def fit_task(model: ContinualModel, loader: DataLoader, accelerator, *, task: in
     bar.update(start_epoch * len(train_loader))
     for epoch in range(start_epoch, epochs):
         train_model.train()
+        if freeze_bn:
+            freeze_batchnorm_statistics(model.backbone)
         total, seen = 0.0, 0
         for batch, (images, labels) in enumerate(train_loader):
             mark("fit", task=task + 1, epoch=epoch + 1, batch=batch + 1)

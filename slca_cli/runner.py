@@ -92,7 +92,7 @@ def peak_memory_mb(device: torch.device) -> float:
 
 def load_data_for(cfg: RunConfig, data_root: Optional[str]) -> DatasetSplits:
     data = load_dataset(cfg.dataset, data_root, cfg.num_classes if cfg.dataset == "synthetic" else None,
-                        cfg.train_per_class, cfg.test_per_class)
+                        cfg.train_per_class, cfg.test_per_class, cfg.skip_bad_images)
     attach_transforms(data, cfg.image_size, cfg.mean, cfg.std)
     return data
 
@@ -171,7 +171,9 @@ def run_seed(cfg: RunConfig, seed: int, run_dir: Path, accelerator, data: Datase
     for position, original in enumerate(order):
         remap[original] = position
     run_dir.mkdir(parents=True, exist_ok=True)
-    model = build_model(cfg, spec, pretrained=True, seed=seed)
+    # Pre-trained weights are needed only for a fresh start; a resumed model comes from its checkpoint.
+    fresh_start = not resume or complete_tasks(run_dir)[0] == 0
+    model = build_model(cfg, spec, pretrained=fresh_start, seed=seed)
     if resume:
         point = find_resume_point(run_dir, cfg, model, log)
     else:
@@ -194,6 +196,11 @@ def run_seed(cfg: RunConfig, seed: int, run_dir: Path, accelerator, data: Datase
         epoch_checkpoints.adopt(point.start_task)
     if accelerator.is_main_process:
         atomic_write_json(run_dir / "config.json", header)
+        for name, content in data.records.items():  # e.g. ImageNet-R's split, images left out
+            atomic_write_json(run_dir / name, content)
+    if data.skipped:
+        log(f"--skip-bad-images: left out {len(data.skipped)} unreadable image(s), listed in "
+            f"{run_dir / 'skipped-images.json'}")
     workers = cfg.workers if cfg.workers is not None else default_workers(data.transform_style == "tensor")
     pin = device.type == "cuda"
     counts, seconds, memory = point.counts, point.seconds, point.memory
@@ -213,8 +220,8 @@ def run_seed(cfg: RunConfig, seed: int, run_dir: Path, accelerator, data: Datase
         loader = make_loader(train_set, cfg.batch_size, True, task_seed(seed, task), workers, pin)
         fit_task(model, loader, accelerator, task=task, label_offset=offset, epochs=cfg.epochs,
                  lr_backbone=cfg.lr_backbone, lr_head=cfg.lr_head, momentum=cfg.momentum,
-                 weight_decay=cfg.weight_decay, lr_drop_epoch=cfg.lr_drop_epoch, show_progress=show_progress,
-                 epoch_checkpoints=epoch_checkpoints.for_task(task))
+                 weight_decay=cfg.weight_decay, lr_drop_epoch=cfg.lr_drop_epoch, freeze_bn=cfg.freeze_bn,
+                 show_progress=show_progress, epoch_checkpoints=epoch_checkpoints.for_task(task))
         mark("statistics", task=task + 1)
 
         # Class statistics of the new classes: test transform, eval mode, computed once.
@@ -351,11 +358,12 @@ def resolve_run(dataset: str, backbone: str, method: str, flags: Dict[str, Any])
     split = task_split_request(dataset, flags.pop("tasks", None), flags.pop("init_classes", None),
                                flags.pop("increment", None))
     data = load_dataset(dataset, flags.get("data_root"), num_classes, flags.get("train_per_class"),
-                        flags.get("test_per_class"))
+                        flags.get("test_per_class"), bool(flags.get("skip_bad_images")))
     sizes = resolve_task_sizes(data.num_classes, *split)
     cfg = resolve_config(dataset, spec.name, method, backbone_family=spec.family,
                          backbone_image_size=spec.image_size, backbone_mean=spec.mean, backbone_std=spec.std,
-                         num_classes=data.num_classes, task_sizes=sizes, overrides=flags)
+                         num_classes=data.num_classes, task_sizes=sizes, overrides=flags,
+                         backbone_defaults=dict(spec.defaults))
     if dataset == "synthetic":
         cfg = cfg.replace(train_per_class=len(data.train) // data.num_classes,
                           test_per_class=len(data.test) // data.num_classes)

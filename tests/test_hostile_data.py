@@ -56,7 +56,7 @@ def test_a_truncated_image_is_one_line_even_from_a_loader_worker(tmp_path, cli, 
     truncated_png(root / "train" / "b" / "img_1.png")
     code, _, err = train(cli, root, tmp_path / "out", "--tasks", 2, "--workers", workers)
     assert_one_line_error(code, err, f"cannot read image {root / 'train' / 'b' / 'img_1.png'}",
-                          "image file is truncated", "replace or remove the file")
+                          "image file is truncated", "replace or remove it")
     assert "DataLoader worker" not in err
 
 
