@@ -74,8 +74,17 @@ def train(
         None, "--restore-stage1-heads/--keep-aligned-heads",
         help="Authors' quirk: after evaluating, the next task starts from the unaligned heads."),
     image_size: Optional[int] = typer.Option(None, help="Input size in pixels (default: the backbone's)."),
-    precision: Optional[str] = typer.Option(None, help="auto, fp32, bf16 or fp16."),
-    workers: Optional[int] = typer.Option(None, help="Data-loader processes."),
+    precision: Optional[str] = typer.Option(None, help="auto (bf16 on GPUs that support it, else fp32; under "
+                                                       "accelerate launch its config's mixed precision), fp32, "
+                                                       "bf16, or fp16 (with loss scaling)."),
+    workers: Optional[int] = typer.Option(None, help="Data-loader processes per training process (default: the "
+                                                     "machine's cores shared among the processes)."),
+    compile: bool = typer.Option(False, "--compile/--no-compile", help="torch.compile the backbone (faster "
+                                                                       "steps on GPUs after a warm-up)."),
+    augment_on_device: Optional[bool] = typer.Option(
+        None, "--augment-on-device/--augment-on-host",
+        help="CIFAR transforms as batched ops on the training device from uint8 images uploaded once "
+             "(default: on for cifar100 on a GPU) or on host loader workers."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     resume: bool = typer.Option(False, "--resume", help="Continue after the last complete task-NN/ folder."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars on stderr."),
@@ -88,7 +97,8 @@ def train(
                  epochs=epochs, lr_drop_epoch=lr_drop_epoch, batch_size=batch_size, lr_backbone=lr_backbone,
                  lr_head=lr_head, ca_epochs=ca_epochs, ca_samples=ca_samples, tau=tau, logit_norm=logit_norm,
                  mean_scaling=mean_scaling, fresh_norm=fresh_norm, restore_stage1_heads=restore_stage1_heads,
-                 image_size=image_size, precision=precision, workers=workers)
+                 image_size=image_size, precision=precision, workers=workers, compile=compile or None,
+                 device_augment=augment_on_device)
     cfg, data = resolve_run(dataset, backbone, method, flags)
     accelerator = make_accelerator(device, cfg.precision)
     out = out or Path("runs") / f"{cfg.dataset}-{cfg.backbone}-{cfg.method}"

@@ -75,6 +75,10 @@ class RunConfig:
     precision: str
     workers: Optional[int]
     overridden: Tuple[str, ...] = field(default=())
+    # How the run executes, not what it computes (outside IDENTITY_FIELDS): torch.compile of the backbone, and
+    # the CIFAR transforms on the training device (None: on for CIFAR on a GPU; the runner records the choice).
+    compile: bool = False
+    device_augment: Optional[bool] = None
 
     def to_dict(self) -> Dict[str, Any]:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
@@ -125,7 +129,8 @@ def resolve_config(dataset: str, backbone: str, method: str, *, backbone_family:
         ca_batch_size=256, tau=ds["tau"], logit_norm=True, mean_scaling="task", fresh_norm=True,
         restore_stage1_heads=True, cov_ridge=1e-4, image_size=backbone_image_size,
         mean=tuple(ds["mean"] or backbone_mean), std=tuple(ds["std"] or backbone_std),
-        train_per_class=None, test_per_class=None, precision="auto", workers=None,
+        train_per_class=None, test_per_class=None, precision="auto", workers=None, compile=False,
+        device_augment=None,
         **METHOD_PRESETS[method],
     )
     unknown = set(given) - set(values)

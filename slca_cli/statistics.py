@@ -1,7 +1,7 @@
 """Class statistics: one fused, batched mean/covariance accumulator (float64, no Python loop over classes)."""
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Callable, Tuple
 
 import torch
 
@@ -9,7 +9,9 @@ import torch
 class ClassStatistics:
     """Per-class counts, sums and sums of outer products of features, accumulated batch by batch.
 
-    Memory is O(C x D^2) whatever the number of samples; features are never kept.
+    Memory is O(C x D^2) whatever the number of samples; features are never kept. The sums are plain float64
+    sums, so partial statistics of any split of the data (batches, processes) add up to the same result up to
+    float64 rounding: that is what makes ``merge`` and ``all_reduce`` exact.
     """
 
     def __init__(self, num_classes: int, dim: int, device=None, dtype=torch.float64):
@@ -19,7 +21,9 @@ class ClassStatistics:
 
     def update(self, features: torch.Tensor, labels: torch.Tensor) -> None:
         """Add a batch; ``labels`` are indices in ``[0, num_classes)``."""
-        x = features.to(self.sums.dtype)
+        if len(labels) == 0:
+            return
+        x = features.to(device=self.sums.device, dtype=self.sums.dtype)
         labels = labels.to(self.sums.device).long()
         self.counts.index_add_(0, labels, torch.ones_like(labels, dtype=x.dtype))
         self.sums.index_add_(0, labels, x)
@@ -34,8 +38,18 @@ class ClassStatistics:
         packed[slot, position] = x
         self.outer.index_add_(0, present, packed.transpose(1, 2) @ packed)
 
-    def all_reduce(self, reduce_fn) -> None:
-        """Sum the partial statistics of every process (``reduce_fn`` = accelerate's ``reduce(t, 'sum')``)."""
+    def merge(self, other: "ClassStatistics") -> None:
+        """Add another accumulator's partial statistics (same classes, e.g. another shard of the data)."""
+        self.counts += other.counts.to(self.counts.device)
+        self.sums += other.sums.to(self.sums.device)
+        self.outer += other.outer.to(self.outer.device)
+
+    def all_reduce(self, reduce_fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Sum the partial statistics of every process, so that all of them hold the same statistics.
+
+        ``reduce_fn`` sums a tensor over processes (``distributed.sum_across_processes``); each process must have
+        accumulated a disjoint shard of the samples, each sample exactly once.
+        """
         self.counts, self.sums, self.outer = (reduce_fn(t) for t in (self.counts, self.sums, self.outer))
 
     def finalize(self, ridge: float = 1e-4) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -51,3 +65,21 @@ class ClassStatistics:
         covs = 0.5 * (covs + covs.transpose(1, 2))
         eye = torch.eye(covs.shape[-1], dtype=covs.dtype, device=covs.device)
         return means, covs + ridge * eye
+
+
+def cholesky_factors(covs: torch.Tensor) -> torch.Tensor:
+    """Lower Cholesky factors of a batch of covariances in float64, one batched call; jitter only where needed.
+
+    Computed once per class when its statistics are finalized (stored in stats.safetensors as ``chol``), so
+    the alignment stage never factorizes again.
+    """
+    covs = covs.to(torch.float64)
+    factor, info = torch.linalg.cholesky_ex(covs)
+    jitter = 1e-6
+    while bool((info > 0).any()) and jitter < 1.0:
+        bad = info > 0
+        eye = torch.eye(covs.shape[-1], dtype=covs.dtype, device=covs.device)
+        retry, info_retry = torch.linalg.cholesky_ex(covs[bad] + jitter * eye)
+        factor[bad], info[bad] = retry, info_retry
+        jitter *= 10
+    return factor
