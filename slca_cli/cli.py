@@ -105,7 +105,7 @@ def train(
     log = accelerator.print
     log(f"{cfg.dataset} ({cfg.num_classes} classes, tasks {list(cfg.task_sizes)}) | {cfg.backbone} | {cfg.method} "
         f"| {cfg.epochs} epochs, lr backbone {cfg.lr_backbone:g} head {cfg.lr_head:g} | "
-        f"{accelerator.device} {accelerator.mixed_precision} | {out}")
+        f"{accelerator.device} x{accelerator.num_processes} {accelerator.mixed_precision} | {out}")
     results = []
     for s in dict.fromkeys(seed):
         try:
