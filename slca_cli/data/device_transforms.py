@@ -3,8 +3,9 @@
 Same sampling as torchvision's RandomResizedCrop (scale 0.08-1, ratio 3/4-4/3, ten attempts then a centre
 fallback), horizontal flip and ColorJitter(brightness); crop + resize of a whole batch is one bicubic
 ``grid_sample`` with a per-image affine grid. Differences from the PIL path, all below what augmentation
-randomness already varies: torch's bicubic kernel (a = -0.75) instead of PIL's (a = -0.5), and no rounding to
-uint8 between steps. The test transform (Resize(256/224 x size) + CenterCrop(size)) samples exactly the points
+randomness already varies: torch's bicubic kernel (a = -0.75) instead of PIL's (a = -0.5), no rounding to
+uint8 between steps, and at the crop's edges the bicubic taps read the real neighbouring pixels where
+crop-then-resize repeats the edge pixel. The test transform (Resize(256/224 x size) + CenterCrop(size)) samples exactly the points
 torchvision's tensor Resize(antialias=False) + CenterCrop would.
 """
 from __future__ import annotations
