@@ -70,6 +70,10 @@ def fit_task(model: ContinualModel, loader: DataLoader, accelerator, *, task: in
         losses.append(float(total) / max(seen, 1))
     bar.close()
     accelerator.free_memory()
+    # prepare() marked the model as prepared and patched an autocast wrapper onto its forward; undo both, so
+    # that next task (a new head) prepares the plain model again: a fresh DDP wrapper, one autocast wrapper.
+    for attribute in ("forward", "_original_forward", "_is_accelerate_prepared"):
+        model.__dict__.pop(attribute, None)
     model.requires_grad_(False)
     return losses
 

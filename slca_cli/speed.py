@@ -58,12 +58,10 @@ def enable_fused_attention(module: nn.Module) -> int:
     return count
 
 
-def compile_backbone(backbone: nn.Module) -> nn.Module:
+def compile_backbone(backbone: nn.Module, backend: Optional[str] = None) -> nn.Module:
     """``torch.compile`` the backbone in place (``nn.Module.compile``): parameter names and state-dict keys stay
-    as they are, so checkpoints of compiled and eager runs are interchangeable."""
-    try:
-        backbone.compile()
-    except Exception as exc:  # compilers fail in many ways (no C compiler, unsupported op)
-        raise SlcaError(f"--compile failed ({exc.__class__.__name__}: {str(exc).splitlines()[0][:160]}); "
-                        f"run without --compile") from None
+    as they are, so checkpoints of compiled and eager runs are interchangeable. Compilation happens lazily at
+    the first forward. ``SLCA_COMPILE_BACKEND`` picks another backend than inductor (``eager`` to debug graph
+    breaks, or in tests, where inductor's code generation takes a minute on a small CPU)."""
+    backbone.compile(backend=backend or os.environ.get("SLCA_COMPILE_BACKEND", "inductor"))
     return backbone
