@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import shlex
 import statistics
 import sys
@@ -88,6 +89,9 @@ def train(
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     resume: bool = typer.Option(False, "--resume", help="Continue after the last complete task-NN/ folder."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars on stderr."),
+    accelerate_config: Optional[str] = typer.Option(
+        None, help="Run under `accelerate launch` with this accelerate config file (default: accelerate's default "
+                   "config when it asks for several processes; 'none' to ignore it)."),
 ):
     """Train a class-incremental run: for each task fit, collect statistics, align, evaluate, save."""
     from .runner import make_accelerator, resolve_run, run_seed
@@ -146,6 +150,9 @@ def eval_checkpoint(
     from .runner import evaluate_checkpoint
 
     result = evaluate_checkpoint(path, data_root, device, batch_size, progress)
+    from accelerate import PartialState
+    if not PartialState().is_main_process:  # under accelerate launch every process evaluates its shard
+        return
     if as_json:
         typer.echo(json.dumps(result, indent=2))
         return
@@ -184,4 +191,17 @@ def datasets_command(ctx: typer.Context):
 
 
 def main() -> None:
+    """The `slca` command. `slca train` with an accelerate config for several processes re-runs itself under
+    `accelerate launch` (see distributed.launcher_command)."""
+    from .distributed import launcher_command
+
+    try:
+        command = launcher_command(sys.argv)
+    except SlcaError as exc:
+        _err(str(exc))
+        raise SystemExit(2)
+    if command is not None:
+        typer.echo(f"slca: running under accelerate launch --config_file {command[4]}", err=True)
+        sys.stdout.flush()
+        os.execv(command[0], command)
     app()

@@ -10,7 +10,9 @@ No collective runs inside these passes, so unequal batch counts per process cann
 from __future__ import annotations
 
 import os
-from typing import Optional
+import sys
+from pathlib import Path
+from typing import List, Optional
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -69,3 +71,48 @@ def workers_per_process(tensor_data: bool, local_processes: Optional[int] = None
     local = local_processes or int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(0, min(8, cores // max(local, 1) - 1))
+
+
+LAUNCHED_ENV = ("LOCAL_RANK", "RANK", "WORLD_SIZE", "ACCELERATE_MIXED_PRECISION", "ACCELERATE_USE_CPU")
+
+
+def _flag_value(argv: List[str], flag: str) -> Optional[str]:
+    for i, arg in enumerate(argv):
+        if arg == flag and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith(flag + "="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def _default_accelerate_config() -> Path:
+    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
+    return Path(os.path.expanduser(home)) / "accelerate" / "default_config.yaml"
+
+
+def launcher_command(argv: List[str]) -> Optional[List[str]]:
+    """``slca train`` started outside a launcher with an accelerate config (``--accelerate-config FILE``, or
+    accelerate's default config when it asks for several processes): the same command under ``accelerate
+    launch --config_file FILE``. None when it should simply run here."""
+    if len(argv) < 2 or argv[1] != "train" or any(k in os.environ for k in LAUNCHED_ENV):
+        return None
+    explicit = _flag_value(argv, "--accelerate-config")
+    if explicit is not None and explicit.lower() == "none":
+        return None
+    path = Path(explicit).expanduser() if explicit else _default_accelerate_config()
+    if not path.is_file():
+        if explicit:
+            raise SlcaError(f"--accelerate-config {explicit} does not exist; write one with `accelerate config "
+                            f"--config_file {explicit}` or drop the flag")
+        return None
+    try:
+        import yaml
+        config = yaml.safe_load(path.read_text()) or {}
+    except Exception as exc:  # yaml raises many kinds of parse errors
+        raise SlcaError(f"accelerate config {path} is not readable YAML/JSON ({exc.__class__.__name__}); fix it, "
+                        f"or pass --accelerate-config none") from None
+    processes = int(config.get("num_processes") or 1) if isinstance(config, dict) else 1
+    if not explicit and processes <= 1:
+        return None
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(path), "-m", "slca_cli",
+            *argv[1:]]
