@@ -1,7 +1,8 @@
 """Classifier alignment: vectorized Gaussian sampling of class features and logit-normalized head training."""
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+import math
+from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -59,6 +60,36 @@ def sample_features(means: torch.Tensor, chol: torch.Tensor, per_class: int,
     return rearrange(samples, "c s d -> (c s) d"), labels
 
 
+def alignment_loss_and_grad(logits: torch.Tensor, labels: torch.Tensor, membership: Optional[torch.Tensor],
+                            tau: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Mean cross-entropy of the logit-normalized logits (``normalize_logits``; plain logits when ``membership``
+    is None) and its gradient with respect to the raw logits, in closed form.
+
+    With r_t = ||z_t||, m = mean_t(r_t + 1e-7) over the T tasks and s = 1 / (tau m), the loss sees u = s z and
+    dL/dz_c = s g_c - (sum_k g_k z_k) s / (m T) * z_c / r_t(c), where g = (softmax(u) - onehot(y)) / B.
+    A handful of fused ops per batch instead of an autograd graph (same numbers up to rounding).
+    """
+    batch = len(labels)
+    if membership is not None:
+        norms = torch.sqrt((logits * logits) @ membership)  # (B, T)
+        mean_norm = (norms + 1e-7).mean(dim=1, keepdim=True)
+        scale = 1.0 / (tau * mean_norm)
+        normalized = logits * scale
+    else:
+        normalized = logits
+    log_probs = torch.log_softmax(normalized, dim=1)
+    picked = log_probs.gather(1, labels[:, None])
+    loss = -picked.mean()
+    grad = log_probs.exp_()
+    grad.scatter_add_(1, labels[:, None], torch.full_like(picked, -1.0))
+    grad.div_(batch)
+    if membership is None:
+        return loss, grad
+    along = (grad * logits).sum(dim=1, keepdim=True)  # dL/ds
+    per_task = (-along * scale / (mean_norm * membership.shape[1])) / norms.clamp_min(torch.finfo(norms.dtype).tiny)
+    return loss, grad.mul_(scale).add_(logits * (per_task @ membership.T))
+
+
 def align_classifier(heads: nn.ModuleList, means: torch.Tensor, covs: Optional[torch.Tensor],
                      task_sizes: Sequence[int], *, epochs: int = 5, samples_per_class: int = 256,
                      batch_size: int = 256, lr: float = 0.01, momentum: float = 0.9, weight_decay: float = 5e-4,
@@ -70,8 +101,10 @@ def align_classifier(heads: nn.ModuleList, means: torch.Tensor, covs: Optional[t
 
     ``means`` and ``chol`` (the Cholesky factors cached with the statistics; computed from ``covs`` when not
     given) cover all seen classes in class-order position; the last task in ``task_sizes`` is the current one.
-    The heads are trained as one stacked (classes x D) weight and bias: plain SGD is elementwise, so this is
-    the same optimization as per-head parameters, with one matmul per batch instead of one per head.
+    All heads are trained as one stacked (classes x (D + 1)) matrix [weight | bias] against features with a
+    column of ones, with the closed-form gradient of ``alignment_loss_and_grad`` and SGD written out (momentum,
+    weight decay, cosine learning rate per epoch as torch's SGD and CosineAnnealingLR): elementwise, so the
+    same optimization as per-head parameters, with two matmuls per batch whatever the number of heads.
     """
     device = heads[0].weight.device
     means = means.to(device=device, dtype=torch.float64)
@@ -82,32 +115,28 @@ def align_classifier(heads: nn.ModuleList, means: torch.Tensor, covs: Optional[t
         chol = cholesky_factors(covs.to(device))
     chol = chol.to(device=device, dtype=torch.float32)
     means = means.to(torch.float32)
-    weight = torch.cat([h.weight.detach() for h in heads]).float().clone().requires_grad_(True)
-    bias = torch.cat([h.bias.detach() for h in heads]).float().clone().requires_grad_(True)
-    membership = task_membership(task_sizes, device)
-    optimizer = torch.optim.SGD([weight, bias], lr=lr, momentum=momentum, weight_decay=weight_decay)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(epochs, 1))
+    params = torch.cat([torch.cat([h.weight.detach(), h.bias.detach()[:, None]], dim=1) for h in heads]).float()
+    membership = task_membership(task_sizes, device) if logit_norm else None
+    velocity: Optional[torch.Tensor] = None
     rng_device = generator.device if generator is not None else device
     for epoch in range(epochs):
+        epoch_lr = lr * (1 + math.cos(math.pi * epoch / max(epochs, 1))) / 2
         features, labels = sample_features(means, chol, samples_per_class, generator)
         order = torch.randperm(len(labels), generator=generator, device=rng_device).to(device)
-        features, labels = features[order], labels[order]
+        features = torch.cat([features, features.new_ones(len(features), 1)], dim=1)[order]
+        labels = labels[order]
         total = torch.zeros((), device=device)
         for start in range(0, len(labels), batch_size):
             x, y = features[start:start + batch_size], labels[start:start + batch_size]
-            logits = torch.addmm(bias, x, weight.t())
-            if logit_norm:
-                logits = normalize_logits(logits, task_sizes, tau, membership)
-            loss = F.cross_entropy(logits, y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total += loss.detach() * len(y)
-        schedule.step()
+            loss, grad_logits = alignment_loss_and_grad(x @ params.T, y, membership, tau)
+            grad = torch.addmm(params, grad_logits.T, x, beta=weight_decay)  # gradient + weight decay
+            velocity = grad if velocity is None else velocity.mul_(momentum).add_(grad)
+            params.add_(velocity, alpha=-epoch_lr)
+            total += loss * len(y)
         if progress is not None:
             progress(epoch, float(total) / max(len(labels), 1))
     with torch.no_grad():
         sizes = [h.out_features for h in heads]
-        for head, w, b in zip(heads, weight.split(sizes), bias.split(sizes)):
-            head.weight.copy_(w)
-            head.bias.copy_(b)
+        for head, block in zip(heads, params.split(sizes)):
+            head.weight.copy_(block[:, :-1])
+            head.bias.copy_(block[:, -1])

@@ -93,3 +93,18 @@ def test_alignment_from_covariances_equals_alignment_from_cached_factors():
 def test_task_membership_marks_each_task_block():
     m = task_membership([2, 1, 3])
     assert m.shape == (6, 3) and m.sum(0).tolist() == [2, 1, 3] and m.sum(1).tolist() == [1] * 6
+
+
+def test_closed_form_alignment_gradient_equals_autograd():
+    from slca_cli.alignment import alignment_loss_and_grad
+    sizes = [3, 5, 2]
+    gen = torch.Generator().manual_seed(0)
+    logits = (torch.randn(17, sum(sizes), generator=gen, dtype=torch.float64) * 3).requires_grad_(True)
+    labels = torch.randint(0, sum(sizes), (17,), generator=gen)
+    for membership in (task_membership(sizes).double(), None):
+        z = logits if membership is None else normalize_logits(logits, sizes, 0.1)
+        expected_loss = F.cross_entropy(z, labels)
+        (expected_grad,) = torch.autograd.grad(expected_loss, logits)
+        loss, grad = alignment_loss_and_grad(logits.detach(), labels, membership, 0.1)
+        torch.testing.assert_close(loss, expected_loss.detach(), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-10, atol=1e-12)

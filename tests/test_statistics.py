@@ -31,8 +31,8 @@ def reference(features, labels, num_classes):
     return torch.stack(means), torch.stack(covs)
 
 
-def accumulate(features, labels, num_classes, cuts):
-    acc = ClassStatistics(num_classes, features.shape[1])
+def accumulate(features, labels, num_classes, cuts, buffer_rows=2048):
+    acc = ClassStatistics(num_classes, features.shape[1], buffer_rows=buffer_rows)
     bounds = [0, *cuts, len(labels)]
     for a, b in zip(bounds[:-1], bounds[1:]):
         acc.update(features[a:b], labels[a:b])
@@ -48,23 +48,26 @@ def test_accumulator_equals_torch_cov_with_uneven_classes_absent_from_batches():
     counts = [40, 1, 3, 17, 90, 2]
     features, labels = random_classes(counts, dim=12, seed=0)
     # Batches of very different sizes; with 6 classes and batches of 1-5 items most classes miss most batches.
-    acc = accumulate(features, labels, len(counts), cuts=[1, 3, 8, 9, 14, 60, 61, 100])
-    means, covs = acc.finalize(RIDGE)
     ref_means, ref_covs = reference(features, labels, len(counts))
-    assert acc.counts.tolist() == counts
-    assert_close_relative(means, ref_means, 1e-12)
-    assert_close_relative(covs, ref_covs, 1e-10)
-    assert torch.equal(covs, covs.transpose(1, 2))
+    # A staging buffer smaller than some batches, one that flushes every few rows, and the default.
+    for buffer_rows in (7, 40, 2048):
+        acc = accumulate(features, labels, len(counts), cuts=[1, 3, 8, 9, 14, 60, 61, 100], buffer_rows=buffer_rows)
+        means, covs = acc.finalize(RIDGE)
+        assert acc.counts.tolist() == counts
+        assert_close_relative(means, ref_means, 1e-12)
+        assert_close_relative(covs, ref_covs, 1e-10)
+        assert torch.equal(covs, covs.transpose(1, 2))
 
 
 @settings(max_examples=25, deadline=None)
 @given(counts=st.lists(st.integers(1, 12), min_size=1, max_size=5),
-       cut_fractions=st.lists(st.floats(0, 1), max_size=6), seed=st.integers(0, 10_000))
-def test_any_batching_gives_the_statistics_of_one_batch(counts, cut_fractions, seed):
+       cut_fractions=st.lists(st.floats(0, 1), max_size=6), seed=st.integers(0, 10_000),
+       buffer_rows=st.integers(1, 30))
+def test_any_batching_gives_the_statistics_of_one_batch(counts, cut_fractions, seed, buffer_rows):
     features, labels = random_classes(counts, dim=5, seed=seed)
     cuts = sorted({int(f * len(labels)) for f in cut_fractions})
     one = accumulate(features, labels, len(counts), cuts=[])
-    many = accumulate(features, labels, len(counts), cuts=cuts)
+    many = accumulate(features, labels, len(counts), cuts=cuts, buffer_rows=buffer_rows)
     for a, b in zip(one.finalize(RIDGE), many.finalize(RIDGE)):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
     ref_means, ref_covs = reference(features, labels, len(counts))
