@@ -156,3 +156,17 @@ def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def add_threads_flag(parser) -> None:
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for torch (default on CPU: 1, so that both sides of a comparison run "
+                             "alike on a shared machine, where parallel regions stall on descheduled threads; "
+                             "0 = torch's default)")
+
+
+def apply_threads(threads, device: torch.device) -> None:
+    if threads is None:
+        threads = 1 if device.type == "cpu" else 0
+    if threads > 0:
+        torch.set_num_threads(threads)

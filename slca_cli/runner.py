@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import platform
 import random
 import resource
@@ -23,14 +24,14 @@ from .alignment import align_classifier
 from .checkpoint import (MODEL_FILE, STATS_FILE, atomic_write_json, atomic_write_text, complete_tasks,
                          load_tensors, read_state, rng_state, save_task, set_rng_state, sha256_file, task_dir_name)
 from .data import DatasetSplits, attach_transforms, load_dataset
+from .data.loaders import PassLoaders, resolve_device_augment
+from .distributed import check_batch_split, sum_across_processes
 from .errors import SlcaError
 from .learner import default_workers, evaluate, feature_batches, fit_task
 from .metrics import summarize
 from .model import ContinualModel, replace_final_norm
 from .presets import IDENTITY_FIELDS, RunConfig
 from .protocol import class_order
-from .data.loaders import PassLoaders, resolve_device_augment
-from .distributed import check_batch_split, sum_across_processes
 from .speed import (accelerate_mixed_precision, compile_backbone, enable_fp16_on_cpu, enable_fused_attention,
                     resolve_precision)
 from .statistics import ClassStatistics, cholesky_factors
@@ -54,8 +55,6 @@ def make_accelerator(device: str, precision: str):
     ``--batch-size`` stays the global batch under several processes (``split_batches``): each process trains on
     its slice, so the optimization matches a one-process run.
     """
-    import os
-
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration
     if device not in ("auto", "cpu", "cuda"):
@@ -220,9 +219,10 @@ def run_seed(cfg: RunConfig, seed: int, run_dir: Path, accelerator, data: Datase
         new_classes = list(range(offset, offset + cfg.task_sizes[task]))
         seen_sizes = list(cfg.task_sizes[: task + 1])
         model.add_head(cfg.task_sizes[task])
-        fit_task(model, loaders.train(new_classes, task_seed(seed, task)), accelerator, task=task, label_offset=offset, epochs=cfg.epochs,
-                 lr_backbone=cfg.lr_backbone, lr_head=cfg.lr_head, momentum=cfg.momentum,
-                 weight_decay=cfg.weight_decay, lr_drop_epoch=cfg.lr_drop_epoch, show_progress=show_progress)
+        fit_task(model, loaders.train(new_classes, task_seed(seed, task)), accelerator, task=task,
+                 label_offset=offset, epochs=cfg.epochs, lr_backbone=cfg.lr_backbone, lr_head=cfg.lr_head,
+                 momentum=cfg.momentum, weight_decay=cfg.weight_decay, lr_drop_epoch=cfg.lr_drop_epoch,
+                 show_progress=show_progress)
 
         # Class statistics of the new classes: test transform, eval mode, computed once. Each process reads its
         # own shard; the partial sums are all-reduced, so every process holds the same statistics.

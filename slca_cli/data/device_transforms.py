@@ -5,8 +5,8 @@ fallback), horizontal flip and ColorJitter(brightness); crop + resize of a whole
 ``grid_sample`` with a per-image affine grid. Differences from the PIL path, all below what augmentation
 randomness already varies: torch's bicubic kernel (a = -0.75) instead of PIL's (a = -0.5), no rounding to
 uint8 between steps, and at the crop's edges the bicubic taps read the real neighbouring pixels where
-crop-then-resize repeats the edge pixel. The test transform (Resize(256/224 x size) + CenterCrop(size)) samples exactly the points
-torchvision's tensor Resize(antialias=False) + CenterCrop would.
+crop-then-resize repeats the edge pixel. The test transform (Resize(256/224 x size) + CenterCrop(size))
+samples exactly the points torchvision's tensor Resize(antialias=False) + CenterCrop would.
 """
 from __future__ import annotations
 
