@@ -53,10 +53,11 @@ class ClassStatistics:
             self._staged += len(chunk)
 
     def _flush(self) -> None:
-        """Add the outer products of the staged rows: rows sorted by class and cut into equal segments of
-        ``s = ceil(rows / classes present)``, packed zero-padded into (segments, s, D), one bmm, one index_add.
-        Segments never exceed twice the classes present, so padding stays below the staged rows plus one
-        segment per class however unbalanced the classes are."""
+        """Add the outer products of the staged rows: rows sorted by class, packed zero-padded into
+        (segments, s, D), one bmm. Roughly balanced classes take one segment each (s = the largest count, at most
+        twice the rows in padding); when every class is present that bmm accumulates in place. Unbalanced ones
+        are cut into segments of s = ceil(rows / classes present), at most two per class on average, whose
+        products are added with one index_add: padding stays bounded however unbalanced the classes are."""
         n = self._staged
         if n == 0:
             return
@@ -64,17 +65,22 @@ class ClassStatistics:
         order = torch.argsort(labels, stable=True)
         labels, x = labels[order], x[order]
         present, per_class = torch.unique_consecutive(labels, return_counts=True)
-        seg_len = -(-n // len(present))
+        longest = int(per_class.max())
+        seg_len = longest if longest * len(present) <= 2 * n else -(-n // len(present))
         seg_per_class = (per_class + seg_len - 1) // seg_len
         seg_start = torch.cumsum(seg_per_class, 0) - seg_per_class
         class_start = torch.cumsum(per_class, 0) - per_class
         slot = torch.repeat_interleave(torch.arange(len(present), device=x.device), per_class)
         position = torch.arange(n, device=x.device) - class_start[slot]
         segment = seg_start[slot] + position // seg_len
-        packed = x.new_zeros(int(seg_per_class.sum()), seg_len, x.shape[1])
+        segments = int(seg_per_class.sum())
+        packed = x.new_zeros(segments, seg_len, x.shape[1])
         packed[segment, position % seg_len] = x
-        segment_class = torch.repeat_interleave(present, seg_per_class)
-        self._outer.index_add_(0, segment_class, packed.transpose(1, 2) @ packed)
+        if segments == len(present) == len(self._outer):  # every class, one segment each, in class order
+            self._outer.baddbmm_(packed.transpose(1, 2), packed)
+        else:
+            segment_class = torch.repeat_interleave(present, seg_per_class)
+            self._outer.index_add_(0, segment_class, packed.transpose(1, 2) @ packed)
         self._staged = 0
 
     def merge(self, other: "ClassStatistics") -> None:

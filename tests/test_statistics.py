@@ -123,3 +123,18 @@ def test_cholesky_factors_are_batched_and_reproduce_the_covariances():
     torch.testing.assert_close(chol[0] @ chol[0].T, covs[0])  # no jitter where none is needed
     torch.testing.assert_close(chol @ chol.transpose(1, 2), covs, atol=1e-4, rtol=0)  # jitter only as needed
     assert torch.isfinite(chol).all()
+
+
+def test_balanced_and_very_unbalanced_buffers_both_match_torch_cov():
+    """Balanced classes are packed one block per class (added in place), a dominant class is cut into segments."""
+    for counts in ([50, 50, 49], [300, 1, 2], [0, 120, 3, 0]):
+        present = [n for n in counts if n]
+        features, labels = random_classes(present, dim=6, seed=len(counts))
+        classes = [c for c, n in enumerate(counts) if n]
+        labels = torch.tensor(classes)[labels]
+        acc = accumulate(features, labels, len(counts), cuts=[], buffer_rows=1024)
+        outer = acc.outer
+        for c, n in enumerate(counts):
+            x = features[labels == c]
+            expected = x.T @ x if n else torch.zeros(6, 6, dtype=torch.float64)
+            torch.testing.assert_close(outer[c], expected, rtol=1e-12, atol=1e-10)
