@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import statistics
 import sys
 from pathlib import Path
@@ -77,8 +78,17 @@ def train(
         None, "--restore-stage1-heads/--keep-aligned-heads",
         help="Authors' quirk: after evaluating, the next task starts from the unaligned heads."),
     image_size: Optional[int] = typer.Option(None, help="Input size in pixels (default: the backbone's)."),
-    precision: Optional[str] = typer.Option(None, help="auto, fp32, bf16 or fp16."),
-    workers: Optional[int] = typer.Option(None, help="Data-loader processes."),
+    precision: Optional[str] = typer.Option(None, help="auto (bf16 on GPUs that support it, else fp32; under "
+                                                       "accelerate launch its config's mixed precision), fp32, "
+                                                       "bf16, or fp16 (with loss scaling)."),
+    workers: Optional[int] = typer.Option(None, help="Data-loader processes per training process (default: the "
+                                                     "machine's cores shared among the processes)."),
+    compile: bool = typer.Option(False, "--compile/--no-compile", help="torch.compile the backbone (faster "
+                                                                       "steps on GPUs after a warm-up)."),
+    augment_on_device: Optional[bool] = typer.Option(
+        None, "--augment-on-device/--augment-on-host",
+        help="CIFAR transforms as batched ops on the training device from uint8 images uploaded once "
+             "(default: on for cifar100 on a GPU) or on host loader workers."),
     skip_bad_images: bool = typer.Option(False, "--skip-bad-images",
                                          help="Decode every image first and leave unreadable ones out (listed in "
                                               "the run folder's skipped-images.json) instead of stopping."),
@@ -87,6 +97,9 @@ def train(
     checkpoint_every: int = typer.Option(0, help="Also save the task being trained every N epochs "
                                                  "(in-progress/), so --resume continues mid-task. 0: off."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars on stderr."),
+    accelerate_config: Optional[str] = typer.Option(
+        None, help="Run under `accelerate launch` with this accelerate config file (default: accelerate's default "
+                   "config when it asks for several processes; 'none' to ignore it)."),
 ):
     """Train a class-incremental run: for each task fit, collect statistics, align, evaluate, save."""
     from .guard import guarded_seed, interrupt_message, stop_exit_code
@@ -98,7 +111,8 @@ def train(
                  lr_head=lr_head, ca_epochs=ca_epochs, ca_samples=ca_samples, tau=tau, logit_norm=logit_norm,
                  mean_scaling=mean_scaling, fresh_norm=fresh_norm, freeze_bn=freeze_bn,
                  restore_stage1_heads=restore_stage1_heads, image_size=image_size, precision=precision,
-                 workers=workers, skip_bad_images=skip_bad_images or None)
+                 workers=workers, skip_bad_images=skip_bad_images or None, compile=compile or None,
+                 device_augment=augment_on_device)
     if checkpoint_every < 0:
         raise SlcaError(f"--checkpoint-every must be 0 (off) or a number of epochs, got {checkpoint_every}")
     cfg, data = resolve_run(dataset, backbone, method, flags)
@@ -107,7 +121,7 @@ def train(
     log = accelerator.print
     log(f"{cfg.dataset} ({cfg.num_classes} classes, tasks {list(cfg.task_sizes)}) | {cfg.backbone} | {cfg.method} "
         f"| {cfg.epochs} epochs, lr backbone {cfg.lr_backbone:g} head {cfg.lr_head:g} | "
-        f"{accelerator.device} {accelerator.mixed_precision} | {out}")
+        f"{accelerator.device} x{accelerator.num_processes} {accelerator.mixed_precision} | {out}")
     results = []
     for s in dict.fromkeys(seed):
         run_dir = out / f"seed-{s}"
@@ -150,6 +164,9 @@ def eval_checkpoint(
     from .runner import evaluate_checkpoint
 
     result = evaluate_checkpoint(path, data_root, device, batch_size, progress)
+    from accelerate import PartialState
+    if not PartialState().is_main_process:  # under accelerate launch every process evaluates its shard
+        return
     if as_json:
         typer.echo(json.dumps(result, indent=2))
         return
@@ -213,4 +230,17 @@ def datasets_prepare(
 
 
 def main() -> None:
+    """The `slca` command. `slca train` with an accelerate config for several processes re-runs itself under
+    `accelerate launch` (see distributed.launcher_command)."""
+    from .distributed import launcher_command
+
+    try:
+        command = launcher_command(sys.argv)
+    except SlcaError as exc:
+        _err(str(exc))
+        raise SystemExit(2)
+    if command is not None:
+        typer.echo(f"slca: running under accelerate launch --config_file {command[4]}", err=True)
+        sys.stdout.flush()
+        os.execv(command[0], command)
     app()

@@ -78,6 +78,10 @@ class RunConfig:
     freeze_bn: bool = True
     skip_bad_images: bool = False  # leave unreadable images out (listed in the run folder) instead of stopping
     overridden: Tuple[str, ...] = field(default=())
+    # How the run executes, not what it computes (outside IDENTITY_FIELDS): torch.compile of the backbone, and
+    # the CIFAR transforms on the training device (None: on for CIFAR on a GPU; the runner records the choice).
+    compile: bool = False
+    device_augment: Optional[bool] = None
 
     def to_dict(self) -> Dict[str, Any]:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
@@ -131,7 +135,7 @@ def resolve_config(dataset: str, backbone: str, method: str, *, backbone_family:
         restore_stage1_heads=True, cov_ridge=1e-4, image_size=backbone_image_size,
         mean=tuple(ds["mean"] or backbone_mean), std=tuple(ds["std"] or backbone_std),
         train_per_class=None, test_per_class=None, precision="auto", workers=None, skip_bad_images=False,
-        freeze_bn=True,
+        freeze_bn=True, compile=False, device_augment=None,
         **METHOD_PRESETS[method],
     )
     unknown = set(given) - set(values)
