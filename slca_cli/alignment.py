@@ -61,10 +61,12 @@ def align_classifier(heads: nn.ModuleList, means: torch.Tensor, covs: torch.Tens
                      epochs: int = 5, samples_per_class: int = 256, batch_size: int = 256, lr: float = 0.01,
                      momentum: float = 0.9, weight_decay: float = 5e-4, tau: float = 0.1, logit_norm: bool = True,
                      mean_scaling: str = "task", generator: Optional[torch.Generator] = None,
-                     progress: Optional[Callable[[int, float], None]] = None) -> None:
+                     progress: Optional[Callable[[int, float], None]] = None,
+                     sample_transform: Optional[Callable] = None) -> None:
     """Train every head on features sampled from the class Gaussians (spec section 5), in place.
 
     ``means``/``covs`` cover all seen classes in class-order position; the last task in ``task_sizes`` is current.
+    ``sample_transform(features, labels, generator)`` changes each epoch's samples (SLCA++ shrinks old classes).
     """
     device = heads[0].weight.device
     means = means.to(device=device, dtype=torch.float64)
@@ -79,6 +81,8 @@ def align_classifier(heads: nn.ModuleList, means: torch.Tensor, covs: torch.Tens
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(epochs, 1))
     for epoch in range(epochs):
         features, labels = sample_features(means, chol, samples_per_class, generator)
+        if sample_transform is not None:
+            features = sample_transform(features, labels, generator)
         order = torch.randperm(len(labels), generator=generator, device=generator.device if generator else None)
         order = order.to(device)
         features, labels = features[order], labels[order]

@@ -42,8 +42,10 @@ def user_errors(fn):
 def train(
     dataset: str = typer.Option(..., help="Dataset name (see `slca datasets`)."),
     backbone: str = typer.Option(..., help="Backbone name or alias (see `slca backbones`)."),
-    method: str = typer.Option("slca", help="slca (slow learner + classifier alignment), sl (slow learner only) "
-                                            "or seqft (one learning rate for all)."),
+    method: str = typer.Option("slca", help="slca (slow learner + classifier alignment), sl (slow learner only), "
+                                            "seqft (one learning rate for all), joint (all classes in one task), "
+                                            "linear (frozen backbone), l2p, dualprompt (prompts on a frozen "
+                                            "ViT) or slca++ (LoRA + symmetric CE + alignment)."),
     out: Optional[Path] = typer.Option(None, help="Run folder; default runs/<dataset>-<backbone>-<method>."),
     seed: List[int] = typer.Option([1993], help="Seed; repeat for several runs (paper: 1993, 1996, 1997)."),
     data_root: Optional[str] = typer.Option(None, help="Where the dataset lives (see `slca datasets`)."),
@@ -73,6 +75,27 @@ def train(
     restore_stage1_heads: Optional[bool] = typer.Option(
         None, "--restore-stage1-heads/--keep-aligned-heads",
         help="Authors' quirk: after evaluating, the next task starts from the unaligned heads."),
+    align: Optional[bool] = typer.Option(None, "--align/--no-align",
+                                         help="Classifier alignment after every task (any method)."),
+    weight_decay: Optional[float] = typer.Option(None, help="Stage-1 weight decay (also used by alignment)."),
+    optimizer: Optional[str] = typer.Option(None, help="Stage-1 optimizer: sgd or adam."),
+    schedule: Optional[str] = typer.Option(None, help="Stage-1 lr schedule per task: step, cosine or constant."),
+    min_lr: Optional[float] = typer.Option(None, help="Final lr of the cosine schedule."),
+    grad_clip: Optional[float] = typer.Option(None, help="Clip the gradient norm at this value."),
+    sce_a: Optional[float] = typer.Option(None, help="Symmetric CE: weight of cross-entropy."),
+    sce_b: Optional[float] = typer.Option(None, help="Symmetric CE: weight of reverse cross-entropy (0 = plain CE)."),
+    lora_rank: Optional[int] = typer.Option(None, help="slca++: LoRA rank on each block's qkv, fc1, fc2."),
+    lora_scale: Optional[float] = typer.Option(None, help="slca++: LoRA scale."),
+    lr_lora: Optional[float] = typer.Option(None, help="slca++: LoRA learning rate after the first task."),
+    lr_lora_first: Optional[float] = typer.Option(None, help="slca++: LoRA learning rate in the first task."),
+    sample_shrink: Optional[float] = typer.Option(None, help="slca++: mean s of the old-class sample shrinking "
+                                                             "1/(1 + s (T - t)) in alignment (0 = off)."),
+    prompt_pool: Optional[int] = typer.Option(None, help="l2p/dualprompt: prompts (and keys) in the pool."),
+    prompt_length: Optional[int] = typer.Option(None, help="l2p: tokens per prompt; dualprompt: E-prompt length."),
+    prompt_top_k: Optional[int] = typer.Option(None, help="l2p: prompts chosen per image."),
+    g_prompt_length: Optional[int] = typer.Option(None, help="dualprompt: G-prompt length."),
+    matching_weight: Optional[float] = typer.Option(None, help="l2p/dualprompt: weight of the key-query "
+                                                               "matching loss."),
     image_size: Optional[int] = typer.Option(None, help="Input size in pixels (default: the backbone's)."),
     precision: Optional[str] = typer.Option(None, help="auto, fp32, bf16 or fp16."),
     workers: Optional[int] = typer.Option(None, help="Data-loader processes."),
@@ -88,7 +111,12 @@ def train(
                  epochs=epochs, lr_drop_epoch=lr_drop_epoch, batch_size=batch_size, lr_backbone=lr_backbone,
                  lr_head=lr_head, ca_epochs=ca_epochs, ca_samples=ca_samples, tau=tau, logit_norm=logit_norm,
                  mean_scaling=mean_scaling, fresh_norm=fresh_norm, restore_stage1_heads=restore_stage1_heads,
-                 image_size=image_size, precision=precision, workers=workers)
+                 image_size=image_size, precision=precision, workers=workers, align=align,
+                 weight_decay=weight_decay, optimizer=optimizer, schedule=schedule, min_lr=min_lr,
+                 grad_clip=grad_clip, sce_a=sce_a, sce_b=sce_b, lora_rank=lora_rank, lora_scale=lora_scale,
+                 lr_lora=lr_lora, lr_lora_first=lr_lora_first, sample_shrink=sample_shrink,
+                 prompt_pool=prompt_pool, prompt_length=prompt_length, prompt_top_k=prompt_top_k,
+                 g_prompt_length=g_prompt_length, matching_weight=matching_weight)
     cfg, data = resolve_run(dataset, backbone, method, flags)
     accelerator = make_accelerator(device, cfg.precision)
     out = out or Path("runs") / f"{cfg.dataset}-{cfg.backbone}-{cfg.method}"

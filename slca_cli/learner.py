@@ -6,12 +6,12 @@ import os
 from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from .errors import SlcaError
 from .model import ContinualModel
+from .recipe import TrainingRecipe, paper_recipe
 
 
 def default_workers(tensor_data: bool) -> int:
@@ -28,35 +28,37 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int, wor
 
 def fit_task(model: ContinualModel, loader: DataLoader, accelerator, *, task: int, label_offset: int, epochs: int,
              lr_backbone: float, lr_head: float, momentum: float, weight_decay: float,
-             lr_drop_epoch: Optional[int], show_progress: bool = True) -> List[float]:
+             lr_drop_epoch: Optional[int], show_progress: bool = True,
+             recipe: Optional[TrainingRecipe] = None) -> List[float]:
     """Train the backbone (``lr_backbone``) and the current head (``lr_head``) with cross-entropy over the
-    current head only; earlier heads stay frozen. Returns the mean loss of each epoch."""
-    for i, head in enumerate(model.task_heads):
-        head.requires_grad_(i == task)
-    model.backbone.requires_grad_(lr_backbone > 0)
-    groups = [{"params": list(model.task_heads[task].parameters()), "lr": lr_head}]
-    if lr_backbone > 0:
-        groups.insert(0, {"params": [p for p in model.backbone.parameters()], "lr": lr_backbone})
-    optimizer = torch.optim.SGD(groups, lr=lr_head, momentum=momentum, weight_decay=weight_decay)
-    milestones = [lr_drop_epoch] if lr_drop_epoch and lr_drop_epoch < epochs else []
-    schedule = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=0.1)
+    current head only; earlier heads stay frozen. A method's ``recipe`` replaces that default (which parameters
+    train at what lr, optimizer, schedule, loss). Returns the mean loss of each epoch."""
+    if recipe is None:
+        recipe = paper_recipe(model, task, lr_backbone=lr_backbone, lr_head=lr_head, momentum=momentum,
+                              weight_decay=weight_decay, lr_drop_epoch=lr_drop_epoch)
+    recipe.mark_trainable(model)
+    optimizer, schedule = recipe.make(epochs)
     train_model, optimizer, train_loader = accelerator.prepare(model, optimizer, loader)
     losses = []
     bar = tqdm(total=epochs * len(train_loader), desc=f"task {task + 1} stage 1", unit="batch", leave=False,
                disable=not (show_progress and accelerator.is_main_process))
     for epoch in range(epochs):
         train_model.train()
+        for module in recipe.frozen_modules:
+            module.eval()
         total, seen = 0.0, 0
         for images, labels in train_loader:
             with accelerator.autocast():
                 logits = train_model(images, head=task)
-                loss = F.cross_entropy(logits.float(), labels - label_offset)
+                loss = recipe.loss(logits.float(), labels - label_offset)
             value = float(loss.detach())
             if not math.isfinite(value):
                 raise SlcaError(f"the loss became {value} in task {task + 1}, epoch {epoch + 1}; finished tasks "
                                 f"are kept: lower --lr-backbone / --lr-head or use --precision fp32, then --resume")
             optimizer.zero_grad(set_to_none=True)
             accelerator.backward(loss)
+            if recipe.grad_clip:
+                accelerator.clip_grad_norm_(list(recipe.parameters()), recipe.grad_clip)
             optimizer.step()
             total += value * len(labels)
             seen += len(labels)

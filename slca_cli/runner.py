@@ -25,6 +25,7 @@ from .checkpoint import (MODEL_FILE, STATS_FILE, atomic_write_json, atomic_write
 from .data import DatasetSplits, RemappedSubset, attach_transforms, load_dataset
 from .errors import SlcaError
 from .learner import default_workers, evaluate, feature_batches, fit_task, make_loader
+from .methods import get_method
 from .metrics import summarize
 from .model import ContinualModel, replace_final_norm
 from .presets import IDENTITY_FIELDS, RunConfig
@@ -77,6 +78,7 @@ def build_model(cfg: RunConfig, spec: BackboneSpec, pretrained: bool, seed: int)
             replace_final_norm(backbone)
         except ValueError as exc:
             raise SlcaError(str(exc)) from None
+    backbone = get_method(cfg.method).wrap_backbone(backbone, cfg)
     return ContinualModel(backbone, int(backbone.num_features))
 
 
@@ -162,6 +164,7 @@ def run_seed(cfg: RunConfig, seed: int, run_dir: Path, accelerator, data: Datase
              log: Log = print, show_progress: bool = True) -> Dict[str, Any]:
     """One seed of one experiment, task by task; returns the final metrics record."""
     spec = get_backbone(cfg.backbone)
+    method = get_method(cfg.method)
     order = class_order(data.num_classes, seed)
     remap = [0] * data.num_classes
     for position, original in enumerate(order):
@@ -200,9 +203,11 @@ def run_seed(cfg: RunConfig, seed: int, run_dir: Path, accelerator, data: Datase
         model.add_head(cfg.task_sizes[task])
         train_set = RemappedSubset(data.train, remap, new_classes)
         loader = make_loader(train_set, cfg.batch_size, True, task_seed(seed, task), workers, pin)
+        method.start_task(model, task, cfg)
         fit_task(model, loader, accelerator, task=task, label_offset=offset, epochs=cfg.epochs,
                  lr_backbone=cfg.lr_backbone, lr_head=cfg.lr_head, momentum=cfg.momentum,
-                 weight_decay=cfg.weight_decay, lr_drop_epoch=cfg.lr_drop_epoch, show_progress=show_progress)
+                 weight_decay=cfg.weight_decay, lr_drop_epoch=cfg.lr_drop_epoch, show_progress=show_progress,
+                 recipe=method.recipe(model, task, cfg))
 
         # Class statistics of the new classes: test transform, eval mode, computed once.
         stats_set = RemappedSubset(data.train, remap, new_classes, transform=data.test.transform)
@@ -222,9 +227,11 @@ def run_seed(cfg: RunConfig, seed: int, run_dir: Path, accelerator, data: Datase
                              epochs=cfg.ca_epochs, samples_per_class=cfg.ca_samples, batch_size=cfg.ca_batch_size,
                              lr=cfg.ca_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, tau=cfg.tau,
                              logit_norm=cfg.logit_norm, mean_scaling=cfg.mean_scaling, generator=generator,
-                             progress=lambda epoch, loss: bar.update(1) or bar.set_postfix(loss=f"{loss:.3f}"))
+                             progress=lambda epoch, loss: bar.update(1) or bar.set_postfix(loss=f"{loss:.3f}"),
+                             sample_transform=method.sample_transform(seen_sizes, cfg))
             bar.close()
             model.task_heads.requires_grad_(False)
+            method.after_alignment(model, seen_sizes, cfg)
 
         test_set = RemappedSubset(data.test, remap, list(range(offset + cfg.task_sizes[task])))
         test_loader = make_loader(test_set, cfg.batch_size, False, 0, workers, pin)
@@ -315,10 +322,13 @@ def resolve_run(dataset: str, backbone: str, method: str, flags: Dict[str, Any])
                                flags.pop("increment", None))
     data = load_dataset(dataset, flags.get("data_root"), num_classes, flags.get("train_per_class"),
                         flags.get("test_per_class"))
-    sizes = resolve_task_sizes(data.num_classes, *split)
+    policy = get_method(method)
+    sizes = policy.task_sizes(resolve_task_sizes(data.num_classes, *split), data.num_classes)
     cfg = resolve_config(dataset, spec.name, method, backbone_family=spec.family,
                          backbone_image_size=spec.image_size, backbone_mean=spec.mean, backbone_std=spec.std,
                          num_classes=data.num_classes, task_sizes=sizes, overrides=flags)
+    cfg = policy.finalize_config(cfg)
+    policy.check_backbone(spec.name, lambda: _probe_backbone(spec))
     if dataset == "synthetic":
         cfg = cfg.replace(train_per_class=len(data.train) // data.num_classes,
                           test_per_class=len(data.test) // data.num_classes)
@@ -326,3 +336,12 @@ def resolve_run(dataset: str, backbone: str, method: str, flags: Dict[str, Any])
         cfg = cfg.replace(weights=str(Path(cfg.weights).expanduser().resolve()))
     attach_transforms(data, cfg.image_size, cfg.mean, cfg.std)
     return cfg, data
+
+
+def _probe_backbone(spec: BackboneSpec):
+    """The backbone's modules without weights (meta device: no memory, no download), for method checks."""
+    try:
+        with torch.device("meta"):
+            return spec.build(None, False)
+    except Exception:  # a builder that cannot run on the meta device: the check happens when the model is built
+        return None
