@@ -221,13 +221,15 @@ class DualPrompt(PromptMethod):
 
     def finalize_config(self, cfg: RunConfig) -> RunConfig:
         """One E-prompt per task, as in the paper (pool 10 for 10 tasks), unless --prompt-pool says otherwise."""
-        return cfg if "prompt_pool" in cfg.overridden else cfg.replace(prompt_pool=cfg.num_tasks)
-
-    def wrap_backbone(self, backbone: nn.Module, cfg: RunConfig) -> nn.Module:
-        require_vit(self.name, cfg.backbone, backbone)
+        if "prompt_pool" not in cfg.overridden:
+            return cfg.replace(prompt_pool=cfg.num_tasks)
         if cfg.prompt_pool < cfg.num_tasks:
             raise SlcaError(f"--method dualprompt keeps one E-prompt per task: --prompt-pool {cfg.prompt_pool} is "
                             f"smaller than the {cfg.num_tasks} tasks; pass --prompt-pool {cfg.num_tasks}")
+        return cfg
+
+    def wrap_backbone(self, backbone: nn.Module, cfg: RunConfig) -> nn.Module:
+        require_vit(self.name, cfg.backbone, backbone)
         g_layers, e_layers = dualprompt_layers(len(backbone.blocks))
         return DualPromptBackbone(backbone, cfg.prompt_pool, cfg.prompt_length, cfg.g_prompt_length,
                                   g_layers, e_layers)
