@@ -175,6 +175,59 @@ def eval_checkpoint(
                f"{result['stored_accuracy']:.2f}%)")
 
 
+@app.command("report")
+@user_errors
+def report_command(
+    runs: List[Path] = typer.Argument(..., help="Run folders: runs/<name>/ (its seed-*/ inside), a seed-*/ "
+                                                "folder, or a folder holding several runs."),
+    out: Path = typer.Option(Path("report"), help="Where results.md, results.csv, results.json and figures/ go."),
+    paper: bool = typer.Option(False, "--paper", help="Add the published numbers (ViT-B/16 IN21K) beside ours."),
+    figures: bool = typer.Option(True, "--figures/--no-figures", help="Write the PNG and SVG plots."),
+    as_json: bool = typer.Option(False, "--json", help="Print the JSON record instead of the tables."),
+):
+    """Tables (mean +- std over seeds) and plots from finished runs, grouped by dataset, backbone and method."""
+    from .report import build_report
+
+    record = build_report(runs, out, paper=paper, figures=figures, warn=lambda m: typer.echo(m, err=True))
+    markdown = record.pop("markdown")
+    if as_json:
+        typer.echo(json.dumps(record, indent=2))
+        return
+    typer.echo(markdown.split("\n## Figures")[0].rstrip())
+    typer.echo(f"\nwrote {out / 'results.md'}, {out / 'results.csv'}, {out / 'results.json'}"
+               + (f" and {len(record['figures'])} figure files under {out / 'figures'}" if record["figures"] else ""))
+
+
+@app.command("probe")
+@user_errors
+def probe_command(
+    run: Path = typer.Argument(..., help="A run folder (its seed-*/ are probed) or one seed-*/ folder."),
+    joint: Optional[Path] = typer.Option(None, help="A finished `--method joint` run to show beside the probe."),
+    task: Optional[int] = typer.Option(None, help="Probe after this task (default: the last finished one)."),
+    classifier: str = typer.Option("logistic", help="logistic (softmax regression, L-BFGS) or ridge (closed form)."),
+    data_root: Optional[str] = typer.Option(None, help="Where the dataset lives, if not where it was trained."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    batch_size: Optional[int] = typer.Option(None, help="Feature extraction batch size."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars on stderr."),
+):
+    """Train a fresh linear classifier on all seen classes over the frozen, continually learned backbone and
+    compare it with the model's own classifier (and with joint training); writes probe.json per seed."""
+    from .probe import CLASSIFIERS, run_probe
+
+    if classifier not in CLASSIFIERS:
+        raise SlcaError(f"--classifier must be one of {', '.join(CLASSIFIERS)}, got '{classifier}'")
+    outcome = run_probe(run, joint, data_root=data_root, device=device, task=task, classifier=classifier,
+                        batch_size=batch_size, show_progress=progress)
+    if as_json:
+        typer.echo(json.dumps({k: v for k, v in outcome.items() if k != "table"}, indent=2))
+        return
+    first = outcome["results"][0]
+    typer.echo(f"{first['dataset']} | {first['backbone']} | {first['method']} | after task {first['task']} "
+               f"({first['classes']} classes) | {classifier} probe on {first['train_images']} training images")
+    typer.echo(outcome["table"])
+
+
 @app.command("backbones")
 @user_errors
 def backbones_command():
