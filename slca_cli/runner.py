@@ -170,7 +170,9 @@ def run_seed(cfg: RunConfig, seed: int, run_dir: Path, accelerator, data: Datase
     for position, original in enumerate(order):
         remap[original] = position
     run_dir.mkdir(parents=True, exist_ok=True)
-    model = build_model(cfg, spec, pretrained=True, seed=seed)
+    # Pre-trained weights are needed only for a fresh start; a resumed model comes from its checkpoint.
+    fresh_start = not resume or complete_tasks(run_dir)[0] == 0
+    model = build_model(cfg, spec, pretrained=fresh_start, seed=seed)
     if resume:
         point = find_resume_point(run_dir, cfg, model, log)
     else:

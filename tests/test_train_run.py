@@ -125,3 +125,29 @@ def test_console_entry_point_runs_in_a_fresh_process(tmp_path):
                           "--test-per-class", 3, "--out", tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "seed-1993" / "task-02" / "state.json").exists()
+
+
+def test_resume_does_not_need_the_pretrained_weights_again(tmp_path, cli, monkeypatch):
+    """Offline resume: the model comes from the checkpoint, so the hub / --weights file is not read again."""
+    import backbones
+    from backbones.registry import _REGISTRY
+    tiny = backbones.get_backbone("vit-tiny-test")
+    calls = []
+
+    def build(weights=None, pretrained=True):
+        calls.append(pretrained)
+        if pretrained and len(calls) > 1:
+            raise AssertionError("pre-trained weights requested on resume")
+        return tiny.build(weights, pretrained)
+
+    monkeypatch.setitem(_REGISTRY, "hub-only-test", backbones.BackboneSpec(
+        name="hub-only-test", build=build, description="test", family="test", image_size=32,
+        mean=tiny.mean, std=tiny.std))
+    args = ["train", "--dataset", "synthetic", "--backbone", "hub-only-test", "--device", "cpu", "--no-progress",
+            "--num-classes", 4, "--tasks", 2, "--epochs", 1, "--train-per-class", 6, "--test-per-class", 3,
+            "--out", tmp_path]
+    assert cli(*args)[0] == 0
+    shutil.rmtree(tmp_path / "seed-1993" / "task-02")
+    code, _, err = cli(*args, "--resume")
+    assert code == 0, err
+    assert calls == [True, False]
