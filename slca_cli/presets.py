@@ -24,6 +24,7 @@ DATASET_PRESETS: Dict[str, Dict[str, Any]] = {
                     mean=IMAGENET_MEAN, std=IMAGENET_STD),
     "folder": dict(tasks=10, epochs=20, lr_drop_epoch=18, tau=0.1, mean=None, std=None),
     "synthetic": dict(tasks=5, epochs=3, lr_drop_epoch=None, tau=0.1, mean=None, std=None),
+    "digits": dict(tasks=5, epochs=5, lr_drop_epoch=4, tau=0.1, mean=None, std=None),
 }
 
 # Self-supervised backbones train longer (spec section 4: MoCo v3 90 epochs, drop after 80).

@@ -9,6 +9,7 @@ from typing import Callable, Dict, Optional
 from ..errors import SlcaError
 from .base import DatasetSplits, RemappedSubset, image_folder_splits
 from .cifar100 import cifar100_splits
+from .digits import digits_splits
 from .synthetic import NATIVE_SIZE, synthetic_splits
 from .transforms import build_tensor_transforms, build_transforms
 
@@ -37,12 +38,19 @@ def _cifar100(root, num_classes, train_per_class, test_per_class):
     return cifar100_splits(root, train_per_class, test_per_class)
 
 
+def _digits(root, num_classes, train_per_class, test_per_class):
+    return digits_splits(train_per_class, test_per_class)
+
+
 DATASETS: Dict[str, DatasetInfo] = {
     "synthetic": DatasetInfo("synthetic", "generated colour/texture classes, any number (--num-classes)",
                              "nothing on disk: generated on the fly", False, _synthetic),
     "cifar100": DatasetInfo("cifar100", "Split CIFAR-100: 100 classes, 10 tasks of 10",
                             "torchvision's cifar-100-python/ (downloaded when online) or train/<class>/*, "
                             "test/<class>/*", True, _cifar100),
+    "digits": DatasetInfo("digits", "scikit-learn's handwritten digits: 1,797 real 8x8 images, 10 classes "
+                          "(about 1,200 train / 600 test), shipped inside scikit-learn", "nothing to download: "
+                          "read from the installed scikit-learn", False, _digits),
     "folder": DatasetInfo("folder", "your own images: class folders under train/ and test/",
                           "train/<class>/*, test/<class>/* (required: --data-root)", True, _folder),
 }
