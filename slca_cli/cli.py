@@ -181,12 +181,13 @@ def demo_command(
     out: Path = typer.Option(Path("runs/demo"), help="Where the three runs and report/ go (a rerun continues)."),
     backbone: Optional[str] = typer.Option(None, help="Backbone (default: the real pre-trained "
                                                       "efficientnet-lite0-in1k when installed)."),
-    epochs: int = typer.Option(5, help="Stage-1 epochs per task."),
+    epochs: int = typer.Option(3, help="Stage-1 epochs per task."),
     batch_size: int = typer.Option(32, help="Batch size."),
     image_size: Optional[int] = typer.Option(None, help="Input size (default: 64 px for a CNN, else the "
                                                         "backbone's)."),
-    train_per_class: Optional[int] = typer.Option(None, help="Use at most this many training images per digit."),
-    test_per_class: Optional[int] = typer.Option(None, help="Use at most this many test images per digit."),
+    train_per_class: Optional[int] = typer.Option(60, help="Training images per digit (of about 120)."),
+    test_per_class: Optional[int] = typer.Option(None, help="Use at most this many test images per digit (all: "
+                                                            "about 60)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars on stderr."),
 ):

@@ -35,8 +35,8 @@ def default_image_size(backbone: str) -> Optional[int]:
     return CNN_IMAGE_SIZE if spec.family == "cnn" and spec.image_size > CNN_IMAGE_SIZE else None
 
 
-def run_demo(out: Path, *, backbone: str = FALLBACK_BACKBONE, epochs: int = 5, batch_size: int = 32,
-             image_size: Optional[int] = None, train_per_class: Optional[int] = None,
+def run_demo(out: Path, *, backbone: str = FALLBACK_BACKBONE, epochs: int = 3, batch_size: int = 32,
+             image_size: Optional[int] = None, train_per_class: Optional[int] = 60,
              test_per_class: Optional[int] = None, seed: int = 1993, device: str = "auto",
              methods=DEMO_METHODS, log: Callable[[str], None] = print, show_progress: bool = True) -> Dict[str, Any]:
     """Train each method (continuing a finished or interrupted demo in ``out``), then write ``out/report``."""
