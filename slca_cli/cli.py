@@ -99,6 +99,9 @@ def train(
     image_size: Optional[int] = typer.Option(None, help="Input size in pixels (default: the backbone's)."),
     precision: Optional[str] = typer.Option(None, help="auto, fp32, bf16 or fp16."),
     workers: Optional[int] = typer.Option(None, help="Data-loader processes."),
+    skip_bad_images: bool = typer.Option(False, "--skip-bad-images",
+                                         help="Decode every image first and leave unreadable ones out (listed in "
+                                              "the run folder's skipped-images.json) instead of stopping."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     resume: bool = typer.Option(False, "--resume", help="Continue after the last complete task-NN/ folder."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars on stderr."),
@@ -112,6 +115,7 @@ def train(
                  lr_head=lr_head, ca_epochs=ca_epochs, ca_samples=ca_samples, tau=tau, logit_norm=logit_norm,
                  mean_scaling=mean_scaling, fresh_norm=fresh_norm, restore_stage1_heads=restore_stage1_heads,
                  image_size=image_size, precision=precision, workers=workers, align=align,
+                 skip_bad_images=skip_bad_images or None,
                  weight_decay=weight_decay, optimizer=optimizer, schedule=schedule, min_lr=min_lr,
                  grad_clip=grad_clip, sce_a=sce_a, sce_b=sce_b, lora_rank=lora_rank, lora_scale=lora_scale,
                  lr_lora=lr_lora, lr_lora_first=lr_lora_first, sample_shrink=sample_shrink,
@@ -278,8 +282,29 @@ def datasets_command(ctx: typer.Context):
     from .data import DATASETS, default_data_root
 
     for info in DATASETS.values():
-        where = f"default --data-root {default_data_root(info.name)}" if info.name == "cifar100" else ""
+        where = f"default --data-root {default_data_root(info.name)}" if info.needs_root and \
+            info.name != "folder" else ""
         typer.echo(f"{info.name}\n    {info.description}\n    data: {info.layout}{'; ' + where if where else ''}")
+    typer.echo("\nCheck a dataset, build its split and see its counts: slca datasets prepare NAME --data-root DIR")
+
+
+@datasets_app.command("prepare")
+@user_errors
+def datasets_prepare(
+    name: str = typer.Argument(..., help="Dataset name (see `slca datasets`)."),
+    data_root: Optional[str] = typer.Option(None, help="The dataset's folder or archive (default: the cache "
+                                                       "folder `slca datasets` shows)."),
+    download: bool = typer.Option(True, "--download/--no-download",
+                                  help="Fetch what has a stable public address (CIFAR-100, ImageNet-R) if absent."),
+    check_images: bool = typer.Option(True, "--check-images/--no-check-images",
+                                      help="Decode every image and list the unreadable ones."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars on stderr."),
+):
+    """Check a dataset's files, build our split, print counts per split and class; download when possible."""
+    from .data.prepare import prepare_dataset
+
+    prepare_dataset(name, data_root, download=download, check_images=check_images, show_progress=progress,
+                    echo=typer.echo)
 
 
 def main() -> None:

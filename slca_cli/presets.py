@@ -110,6 +110,7 @@ class RunConfig:
     precision: str
     workers: Optional[int]
     overridden: Tuple[str, ...] = field(default=())
+    skip_bad_images: bool = False  # leave unreadable images out (listed in the run folder) instead of stopping
     # Method settings (defaults in METHOD_SETTINGS; what each means: CONTRIBUTING.md, "Methods").
     optimizer: str = "sgd"
     schedule: str = "step"
@@ -177,7 +178,8 @@ def resolve_config(dataset: str, backbone: str, method: str, *, backbone_family:
         ca_batch_size=256, tau=ds["tau"], logit_norm=True, mean_scaling="task", fresh_norm=True,
         restore_stage1_heads=True, cov_ridge=1e-4, image_size=backbone_image_size,
         mean=tuple(ds["mean"] or backbone_mean), std=tuple(ds["std"] or backbone_std),
-        train_per_class=None, test_per_class=None, precision="auto", workers=None, **METHOD_SETTINGS,
+        train_per_class=None, test_per_class=None, precision="auto", workers=None, skip_bad_images=False,
+        **METHOD_SETTINGS,
     )
     values.update(METHOD_PRESETS[method])
     values.update(METHOD_DATASET_PRESETS.get((method, dataset), {}))

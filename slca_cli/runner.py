@@ -91,7 +91,7 @@ def peak_memory_mb(device: torch.device) -> float:
 
 def load_data_for(cfg: RunConfig, data_root: Optional[str]) -> DatasetSplits:
     data = load_dataset(cfg.dataset, data_root, cfg.num_classes if cfg.dataset == "synthetic" else None,
-                        cfg.train_per_class, cfg.test_per_class)
+                        cfg.train_per_class, cfg.test_per_class, cfg.skip_bad_images)
     attach_transforms(data, cfg.image_size, cfg.mean, cfg.std)
     return data
 
@@ -189,6 +189,11 @@ def run_seed(cfg: RunConfig, seed: int, run_dir: Path, accelerator, data: Datase
         header["weights_sha256"] = sha256_file(Path(cfg.weights))
     if accelerator.is_main_process:
         atomic_write_json(run_dir / "config.json", header)
+        for name, content in data.records.items():  # e.g. ImageNet-R's split, images left out
+            atomic_write_json(run_dir / name, content)
+    if data.skipped:
+        log(f"--skip-bad-images: left out {len(data.skipped)} unreadable image(s), listed in "
+            f"{run_dir / 'skipped-images.json'}")
     workers = cfg.workers if cfg.workers is not None else default_workers(data.transform_style == "tensor")
     pin = device.type == "cuda"
     counts, seconds, memory = point.counts, point.seconds, point.memory
@@ -323,7 +328,7 @@ def resolve_run(dataset: str, backbone: str, method: str, flags: Dict[str, Any])
     split = task_split_request(dataset, flags.pop("tasks", None), flags.pop("init_classes", None),
                                flags.pop("increment", None))
     data = load_dataset(dataset, flags.get("data_root"), num_classes, flags.get("train_per_class"),
-                        flags.get("test_per_class"))
+                        flags.get("test_per_class"), bool(flags.get("skip_bad_images")))
     policy = get_method(method)
     sizes = policy.task_sizes(resolve_task_sizes(data.num_classes, *split), data.num_classes)
     cfg = resolve_config(dataset, spec.name, method, backbone_family=spec.family,

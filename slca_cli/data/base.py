@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from PIL import Image
@@ -50,10 +50,14 @@ class FileSplit(LabelledSplit):
             with Image.open(path) as img:
                 return img.convert("RGB")
         except Exception as exc:  # PIL raises many kinds of errors for damaged files
-            raise SlcaError(f"cannot read image {path}: {exc.__class__.__name__}: {exc}") from None
+            raise SlcaError(f"cannot read image {path}: {exc.__class__.__name__}: {exc}; replace or remove it, or "
+                            f"pass --skip-bad-images to leave unreadable images out") from None
 
     def describe(self, index: int) -> str:
         return self.files[index].relative_to(self.root).as_posix()
+
+    def subset(self, indices: Sequence[int]) -> "FileSplit":
+        return FileSplit(self.root, [self.files[i] for i in indices], [self.labels[i] for i in indices])
 
 
 class ArraySplit(LabelledSplit):
@@ -76,6 +80,10 @@ class DatasetSplits:
     test: LabelledSplit
     transform_style: str
     root: Optional[str] = None
+    layout: str = ""
+    # Files for the run folder (name -> JSON content), e.g. ImageNet-R's split or the skipped images.
+    records: Dict[str, Any] = field(default_factory=dict)
+    skipped: List[str] = field(default_factory=list)
 
     @property
     def num_classes(self) -> int:
@@ -106,17 +114,42 @@ def cap_per_class(labels: Sequence[int], cap: Optional[int]) -> List[int]:
     return keep
 
 
+def has_split_folders(folder: Path) -> bool:
+    """The image-folder layout: ``train/`` and ``test/`` side by side."""
+    return (folder / "train").is_dir() and (folder / "test").is_dir()
+
+
+def class_folders(folder: Path) -> List[str]:
+    """Names of the class folders under ``folder``, sorted (their order gives the class ids)."""
+    return sorted(p.name for p in folder.iterdir()
+                  if p.is_dir() and not p.name.startswith(".") and p.name != "__MACOSX")
+
+
+def image_files(folder: Path) -> List[Path]:
+    """Image files directly in ``folder``, sorted by name; hidden files (``.x``, macOS ``._x``) left out."""
+    return sorted(p for p in folder.iterdir()
+                  if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".") and p.is_file())
+
+
+def check_class_count(splits: "DatasetSplits", expected: int, layout_hint: str) -> "DatasetSplits":
+    """The benchmark's class count is part of its protocol (task sizes): anything else is the wrong folder."""
+    if splits.num_classes != expected:
+        raise SlcaError(f"{splits.root} holds {splits.num_classes} classes, {splits.name} has {expected} "
+                        f"({layout_hint}); point --data-root at the full dataset, or use --dataset folder for "
+                        f"other image folders")
+    return splits
+
+
 def scan_image_folder(split_dir: Path, flag_hint: str) -> Tuple[List[str], List[Path], List[int]]:
     """``split_dir/<class>/*`` -> (class names sorted, files, labels)."""
     if not split_dir.is_dir():
         raise SlcaError(f"{split_dir} is not a folder; {flag_hint} must hold train/<class>/* and test/<class>/*")
-    classes = sorted(p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    classes = class_folders(split_dir)
     if not classes:
         raise SlcaError(f"{split_dir} has no class folders; expected {split_dir}/<class>/<image>")
     files, labels = [], []
     for label, name in enumerate(classes):
-        found = sorted(p for p in (split_dir / name).iterdir()
-                       if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        found = image_files(split_dir / name)
         if not found:
             raise SlcaError(f"class folder {split_dir / name} has no images ({', '.join(IMAGE_EXTENSIONS)}); "
                             f"add images or remove the folder")
@@ -140,11 +173,21 @@ def image_folder_splits(name: str, root: Path, transform_style: str, train_per_c
         only_test = sorted(set(test_classes) - set(train_classes))
         raise SlcaError(f"train/ and test/ under {root} have different class folders "
                         f"(only in train: {only_train[:5]}, only in test: {only_test[:5]}); make them match")
+    return file_splits(name, root, train_classes, (train_files, train_labels), (test_files, test_labels),
+                       transform_style, train_per_class, test_per_class, "train/<class>/*, test/<class>/*")
+
+
+def file_splits(name: str, root: Path, class_names: List[str], train: Tuple[List[Path], List[int]],
+                test: Tuple[List[Path], List[int]], transform_style: str, train_per_class: Optional[int],
+                test_per_class: Optional[int], layout: str) -> DatasetSplits:
+    """DatasetSplits over image files, keeping at most the first ``*_per_class`` items of each class."""
+    (train_files, train_labels), (test_files, test_labels) = train, test
     keep_train = cap_per_class(train_labels, train_per_class)
     keep_test = cap_per_class(test_labels, test_per_class)
-    train = FileSplit(root, [train_files[i] for i in keep_train], [train_labels[i] for i in keep_train])
-    test = FileSplit(root, [test_files[i] for i in keep_test], [test_labels[i] for i in keep_test])
-    return DatasetSplits(name, train_classes, train, test, transform_style, str(root))
+    return DatasetSplits(name, list(class_names),
+                         FileSplit(root, [train_files[i] for i in keep_train], [train_labels[i] for i in keep_train]),
+                         FileSplit(root, [test_files[i] for i in keep_test], [test_labels[i] for i in keep_test]),
+                         transform_style, str(root), layout)
 
 
 class RemappedSubset(Dataset):
