@@ -125,16 +125,18 @@ def test_resume_of_a_prompt_method_gives_the_same_metrics(method_runs, tmp_path,
     assert read_json(copy / "metrics.json")["counts"] == straight["counts"]
 
 
-def test_prompt_methods_refuse_a_backbone_that_is_not_a_vit(cli):
-    from backbones import BackboneSpec, register_backbone
+def test_prompt_methods_refuse_a_backbone_that_is_not_a_vit(cli, monkeypatch):
+    from backbones import BackboneSpec
+    from backbones.registry import _REGISTRY
 
     def build(weights=None, pretrained=True):
         model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
         model.num_features = 8
         return model
 
-    register_backbone(BackboneSpec(name="tiny-cnn-test", build=build, description="test CNN", family="test",
-                                   image_size=32, mean=(0.5,) * 3, std=(0.5,) * 3))
+    monkeypatch.setitem(_REGISTRY, "tiny-cnn-test", BackboneSpec(
+        name="tiny-cnn-test", build=build, description="test CNN", family="test", image_size=32,
+        mean=(0.5,) * 3, std=(0.5,) * 3))
     for method in ("l2p", "dualprompt", "slca++"):
         code, _, err = cli("train", "--dataset", "synthetic", "--backbone", "tiny-cnn-test", "--method", method,
                            "--device", "cpu", "--keep-norm", "--tasks", 2, "--num-classes", 4)
