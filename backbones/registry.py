@@ -3,19 +3,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from importlib import metadata
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 from torch import nn
 
 from slca_cli.errors import SlcaError
 
 ENTRY_POINT_GROUP = "slca.backbones"
+TIMM_PREFIX = "timm:"
 
 
 @dataclass(frozen=True)
 class BackboneSpec:
     """How to build one backbone. ``build(weights, pretrained)`` returns a module mapping images to features
-    of size ``feature_dim`` (its ``num_features``)."""
+    of size ``feature_dim`` (its ``num_features``). ``defaults`` are preset values this backbone changes (e.g. a
+    CNN has no final LayerNorm to replace: ``fresh_norm=False``); flags still override them."""
 
     name: str
     build: Callable[..., nn.Module]
@@ -28,6 +30,7 @@ class BackboneSpec:
     weights_present: Callable[[], Optional[bool]] = field(default=lambda: None)
     aliases: Tuple[str, ...] = ()
     source: str = "slca"
+    defaults: Mapping[str, Any] = field(default_factory=dict)
 
 
 _REGISTRY: Dict[str, BackboneSpec] = {}
@@ -75,7 +78,10 @@ def list_backbones() -> List[BackboneSpec]:
 def get_backbone(name: str) -> BackboneSpec:
     _load_plugins()
     name = _ALIASES.get(name, name)
+    if name.startswith(TIMM_PREFIX) and name not in _REGISTRY:
+        from .timm_any import timm_spec
+        return register_backbone(timm_spec(name[len(TIMM_PREFIX):]))
     if name not in _REGISTRY:
         known = ", ".join(sorted(_REGISTRY) + sorted(_ALIASES))
-        raise SlcaError(f"unknown backbone '{name}'; known: {known} (see `slca backbones`)")
+        raise SlcaError(f"unknown backbone '{name}'; known: {known}, or timm:<model name> (see `slca backbones`)")
     return _REGISTRY[name]

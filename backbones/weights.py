@@ -2,6 +2,7 @@
 anything else that does not fit is an error that lists the keys."""
 from __future__ import annotations
 
+import argparse
 import pickle
 import zipfile
 from pathlib import Path
@@ -35,7 +36,7 @@ def read_state_dict(path: Path) -> Dict[str, torch.Tensor]:
         raise SlcaError(f"--weights {path}: unknown format; use .safetensors, .npz (Google ViT) or a torch "
                         f"state dict ({', '.join(TORCH_SUFFIXES)})")
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        obj = _load_tensors_only(path)
     except pickle.UnpicklingError as exc:
         raise SlcaError(f"--weights {path} was refused: it holds Python objects beyond tensors, which could run "
                         f"code ({str(exc).splitlines()[0][:160]}); convert it to .safetensors") from None
@@ -43,6 +44,34 @@ def read_state_dict(path: Path) -> Dict[str, torch.Tensor]:
         raise SlcaError(f"--weights {path} is not a readable torch checkpoint ({exc.__class__.__name__}); "
                         f"re-download it") from None
     return flatten_checkpoint(obj, path)
+
+
+def _load_tensors_only(path: Path):
+    """``torch.load(weights_only=True)``, also accepting ``argparse.Namespace``: DINO and iBOT full checkpoints
+    store their training arguments in one, and rebuilding a Namespace runs no code of the file's choosing."""
+    safe_globals = getattr(torch.serialization, "safe_globals", None)
+    if safe_globals is None:  # torch < 2.5
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    with safe_globals([argparse.Namespace]):
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+
+
+def select_encoder(state_dict: Dict[str, torch.Tensor], prefixes: Iterable[str], companions: Iterable[str],
+                   source: str) -> Dict[str, torch.Tensor]:
+    """The sub-module under the first of ``prefixes`` present (e.g. ``module.base_encoder.``), prefix removed.
+
+    Keys outside it must belong to the known ``companions`` of that checkpoint (momentum encoder, projection
+    heads); anything else means the file is not what we think, and is an error that lists the keys. A file
+    with none of the prefixes is taken as a bare backbone."""
+    for prefix in prefixes:
+        if any(k.startswith(prefix) for k in state_dict):
+            others = sorted(k for k in state_dict if not k.startswith(prefix) and not k.startswith(tuple(companions)))
+            if others:
+                raise SlcaError(f"weights from {source} have keys outside '{prefix}' that this checkpoint format "
+                                f"does not have ({len(others)}): {', '.join(others[:8])}"
+                                f"{' ...' if len(others) > 8 else ''}; check that the file is for this --backbone")
+            return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    return state_dict
 
 
 def flatten_checkpoint(obj, path: Path) -> Dict[str, torch.Tensor]:

@@ -71,7 +71,11 @@ def train(
                                                           "sampling: task (true task of each class), authors "
                                                           "(their c // task_size) or off."),
     fresh_norm: Optional[bool] = typer.Option(None, "--fresh-norm/--keep-norm",
-                                              help="Authors' quirk: replace the final LayerNorm with a fresh one."),
+                                              help="Authors' quirk: replace the final LayerNorm with a fresh one "
+                                                   "(default: on for ViTs, off for backbones without one)."),
+    freeze_bn: Optional[bool] = typer.Option(None, "--freeze-bn/--update-bn",
+                                             help="BatchNorm backbones (CNNs): keep the pre-trained running "
+                                                  "statistics during the slow learner (default) or update them."),
     restore_stage1_heads: Optional[bool] = typer.Option(
         None, "--restore-stage1-heads/--keep-aligned-heads",
         help="Authors' quirk: after evaluating, the next task starts from the unaligned heads."),
@@ -113,7 +117,7 @@ def train(
                  num_classes=num_classes, train_per_class=train_per_class, test_per_class=test_per_class,
                  epochs=epochs, lr_drop_epoch=lr_drop_epoch, batch_size=batch_size, lr_backbone=lr_backbone,
                  lr_head=lr_head, ca_epochs=ca_epochs, ca_samples=ca_samples, tau=tau, logit_norm=logit_norm,
-                 mean_scaling=mean_scaling, fresh_norm=fresh_norm, restore_stage1_heads=restore_stage1_heads,
+                 mean_scaling=mean_scaling, fresh_norm=fresh_norm, freeze_bn=freeze_bn, restore_stage1_heads=restore_stage1_heads,
                  image_size=image_size, precision=precision, workers=workers, align=align,
                  skip_bad_images=skip_bad_images or None,
                  weight_decay=weight_decay, optimizer=optimizer, schedule=schedule, min_lr=min_lr,
@@ -272,6 +276,10 @@ def backbones_command():
         aliases = f" (aliases: {', '.join(spec.aliases)})" if spec.aliases else ""
         typer.echo(f"{spec.name}{aliases}\n    {spec.description}\n    {spec.image_size} px, family {spec.family}; "
                    f"weights: {spec.weights_source}; {present}")
+    from backbones.cache import weights_dir
+    typer.echo(f"timm:<model name>\n    any timm model (e.g. timm:vit_small_patch16_224.augreg_in21k); weights from "
+               f"the Hugging Face hub or --weights FILE\nweights folder (checkpoints not on the hub): {weights_dir()} "
+               f"(set $SLCA_WEIGHTS_DIR to move it)")
 
 
 @datasets_app.callback()

@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from .errors import SlcaError
-from .model import ContinualModel
+from .model import ContinualModel, freeze_batchnorm_statistics
 from .recipe import TrainingRecipe, paper_recipe
 
 
@@ -28,11 +28,12 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int, wor
 
 def fit_task(model: ContinualModel, loader: DataLoader, accelerator, *, task: int, label_offset: int, epochs: int,
              lr_backbone: float, lr_head: float, momentum: float, weight_decay: float,
-             lr_drop_epoch: Optional[int], show_progress: bool = True,
+             lr_drop_epoch: Optional[int], freeze_bn: bool = False, show_progress: bool = True,
              recipe: Optional[TrainingRecipe] = None) -> List[float]:
     """Train the backbone (``lr_backbone``) and the current head (``lr_head``) with cross-entropy over the
-    current head only; earlier heads stay frozen. A method's ``recipe`` replaces that default (which parameters
-    train at what lr, optimizer, schedule, loss). Returns the mean loss of each epoch."""
+    current head only; earlier heads stay frozen; with ``freeze_bn`` BatchNorm keeps its running statistics.
+    A method's ``recipe`` replaces that default (which parameters train at what lr, optimizer, schedule, loss).
+    Returns the mean loss of each epoch."""
     if recipe is None:
         recipe = paper_recipe(model, task, lr_backbone=lr_backbone, lr_head=lr_head, momentum=momentum,
                               weight_decay=weight_decay, lr_drop_epoch=lr_drop_epoch)
@@ -44,6 +45,8 @@ def fit_task(model: ContinualModel, loader: DataLoader, accelerator, *, task: in
                disable=not (show_progress and accelerator.is_main_process))
     for epoch in range(epochs):
         train_model.train()
+        if freeze_bn:
+            freeze_batchnorm_statistics(model.backbone)
         for module in recipe.frozen_modules:
             module.eval()
         total, seen = 0.0, 0

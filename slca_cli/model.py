@@ -5,6 +5,7 @@ from typing import Dict, Optional
 
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 
 class ContinualModel(nn.Module):
@@ -53,3 +54,12 @@ def replace_final_norm(backbone: nn.Module) -> None:
     if not isinstance(norm, nn.LayerNorm):
         raise ValueError("--fresh-norm needs a backbone with a final LayerNorm `norm` (a ViT); use --keep-norm")
     backbone.norm = nn.LayerNorm(norm.normalized_shape, eps=1e-5).to(norm.weight.device)
+
+
+def freeze_batchnorm_statistics(module: nn.Module) -> int:
+    """Put every BatchNorm layer in eval mode, so a training step normalizes with, and leaves unchanged, its
+    running statistics; the affine weights still learn. Returns the number of layers frozen."""
+    layers = [m for m in module.modules() if isinstance(m, _BatchNorm)]
+    for layer in layers:
+        layer.eval()
+    return len(layers)

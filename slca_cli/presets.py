@@ -27,8 +27,9 @@ DATASET_PRESETS: Dict[str, Dict[str, Any]] = {
     "digits": dict(tasks=5, epochs=5, lr_drop_epoch=4, tau=0.1, mean=None, std=None),
 }
 
-# Self-supervised backbones train longer (spec section 4: MoCo v3 90 epochs, drop after 80).
-FAMILY_EPOCHS: Dict[str, Tuple[int, int]] = {"mocov3": (90, 80)}
+# Self-supervised backbones train longer (spec section 4: MoCo v3 90 epochs, drop after 80). The authors publish
+# no recipe for iBOT and DINO; they are self-supervised ViT-B/16s like MoCo v3, so they get its schedule.
+FAMILY_EPOCHS: Dict[str, Tuple[int, int]] = {"mocov3": (90, 80), "ibot": (90, 80), "dino": (90, 80)}
 
 METHOD_PRESETS: Dict[str, Dict[str, Any]] = {
     "slca": dict(lr_backbone=1e-4, lr_head=1e-2, align=True),
@@ -109,8 +110,9 @@ class RunConfig:
     test_per_class: Optional[int]
     precision: str
     workers: Optional[int]
-    overridden: Tuple[str, ...] = field(default=())
+    freeze_bn: bool = True
     skip_bad_images: bool = False  # leave unreadable images out (listed in the run folder) instead of stopping
+    overridden: Tuple[str, ...] = field(default=())
     # Method settings (defaults in METHOD_SETTINGS; what each means: CONTRIBUTING.md, "Methods").
     optimizer: str = "sgd"
     schedule: str = "step"
@@ -154,13 +156,15 @@ class RunConfig:
 IDENTITY_FIELDS = ("dataset", "backbone", "method", "num_classes", "task_sizes", "epochs", "lr_drop_epoch",
                    "lr_backbone", "lr_head", "align", "ca_epochs", "ca_samples", "tau", "logit_norm",
                    "mean_scaling", "fresh_norm", "restore_stage1_heads", "image_size", "batch_size",
-                   "train_per_class", "test_per_class", *METHOD_SETTINGS)
+                   "train_per_class", "test_per_class", "freeze_bn", *METHOD_SETTINGS)
 
 
 def resolve_config(dataset: str, backbone: str, method: str, *, backbone_family: str,
                    backbone_image_size: int, backbone_mean: Tuple[float, ...], backbone_std: Tuple[float, ...],
-                   num_classes: int, task_sizes: List[int], overrides: Dict[str, Any]) -> RunConfig:
-    """Preset values for (dataset, backbone family, method), then every flag that was given on top."""
+                   num_classes: int, task_sizes: List[int], overrides: Dict[str, Any],
+                   backbone_defaults: Optional[Dict[str, Any]] = None) -> RunConfig:
+    """Preset values for (dataset, backbone family, method), then the backbone's own defaults (e.g. no fresh
+    LayerNorm for a CNN), then every flag that was given on top."""
     if method not in METHOD_PRESETS:
         raise SlcaError(f"unknown method '{method}'; known: {', '.join(METHOD_PRESETS)}")
     given = {k: v for k, v in overrides.items() if v is not None}
@@ -179,6 +183,7 @@ def resolve_config(dataset: str, backbone: str, method: str, *, backbone_family:
         restore_stage1_heads=True, cov_ridge=1e-4, image_size=backbone_image_size,
         mean=tuple(ds["mean"] or backbone_mean), std=tuple(ds["std"] or backbone_std),
         train_per_class=None, test_per_class=None, precision="auto", workers=None, skip_bad_images=False,
+        freeze_bn=True,
         **METHOD_SETTINGS,
     )
     values.update(METHOD_PRESETS[method])
@@ -186,6 +191,10 @@ def resolve_config(dataset: str, backbone: str, method: str, *, backbone_family:
     unknown = set(given) - set(values)
     if unknown:
         raise SlcaError(f"unknown setting(s) {sorted(unknown)}")
+    unknown = set(backbone_defaults or {}) - set(values)
+    if unknown:
+        raise SlcaError(f"backbone {backbone} sets unknown default(s) {sorted(unknown)}; fix its BackboneSpec")
+    values.update(backbone_defaults or {})
     values.update(given)
     values["overridden"] = tuple(sorted(k for k in given if k not in ("data_root", "weights")))
     cfg = RunConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in values.items()})

@@ -213,7 +213,8 @@ def run_seed(cfg: RunConfig, seed: int, run_dir: Path, accelerator, data: Datase
         method.start_task(model, task, cfg)
         fit_task(model, loader, accelerator, task=task, label_offset=offset, epochs=cfg.epochs,
                  lr_backbone=cfg.lr_backbone, lr_head=cfg.lr_head, momentum=cfg.momentum,
-                 weight_decay=cfg.weight_decay, lr_drop_epoch=cfg.lr_drop_epoch, show_progress=show_progress,
+                 weight_decay=cfg.weight_decay, lr_drop_epoch=cfg.lr_drop_epoch, freeze_bn=cfg.freeze_bn,
+                 show_progress=show_progress,
                  recipe=method.recipe(model, task, cfg))
 
         # Class statistics of the new classes: test transform, eval mode, computed once.
@@ -333,7 +334,8 @@ def resolve_run(dataset: str, backbone: str, method: str, flags: Dict[str, Any])
     sizes = policy.task_sizes(resolve_task_sizes(data.num_classes, *split), data.num_classes)
     cfg = resolve_config(dataset, spec.name, method, backbone_family=spec.family,
                          backbone_image_size=spec.image_size, backbone_mean=spec.mean, backbone_std=spec.std,
-                         num_classes=data.num_classes, task_sizes=sizes, overrides=flags)
+                         num_classes=data.num_classes, task_sizes=sizes, overrides=flags,
+                         backbone_defaults=dict(spec.defaults))
     cfg = policy.finalize_config(cfg)
     policy.check_backbone(spec.name, lambda: _probe_backbone(spec))
     if dataset == "synthetic":
