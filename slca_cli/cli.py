@@ -187,8 +187,8 @@ def eval_checkpoint(
 @user_errors
 def demo_command(
     out: Path = typer.Option(Path("runs/demo"), help="Where the three runs and report/ go (a rerun continues)."),
-    backbone: Optional[str] = typer.Option(None, help="Backbone (default: the real pre-trained "
-                                                      "efficientnet-lite0-in1k when installed)."),
+    backbone: str = typer.Option("efficientnet-lite0-in1k", help="Backbone (default: EfficientNet-Lite0 with "
+                                                                 "its real ImageNet-1k weights)."),
     epochs: int = typer.Option(3, help="Stage-1 epochs per task."),
     batch_size: int = typer.Option(32, help="Batch size."),
     image_size: Optional[int] = typer.Option(None, help="Input size (default: 64 px for a CNN, else the "
@@ -201,9 +201,9 @@ def demo_command(
 ):
     """A real continual-learning experiment in minutes on a CPU, offline: scikit-learn's handwritten digits in
     5 tasks, a pre-trained backbone, Seq FT vs slow learner vs SLCA; prints the comparison, writes the report."""
-    from .demo import comparison_table, default_backbone, run_demo, written_files
+    from .demo import comparison_table, run_demo, written_files
 
-    outcome = run_demo(out, backbone=backbone or default_backbone(), epochs=epochs, batch_size=batch_size,
+    outcome = run_demo(out, backbone=backbone, epochs=epochs, batch_size=batch_size,
                        image_size=image_size, train_per_class=train_per_class, test_per_class=test_per_class,
                        device=device, log=typer.echo, show_progress=progress)
     typer.echo("")

@@ -10,8 +10,7 @@ from typing import Any, Callable, Dict, List, Optional
 from .errors import SlcaError
 
 DEMO_METHODS = ("seqft", "sl", "slca")
-DEFAULT_BACKBONE = "efficientnet-lite0-in1k"
-FALLBACK_BACKBONE = "vit-tiny-test"
+DEFAULT_BACKBONE = "efficientnet-lite0-in1k"  # real ImageNet-1k weights, shipped in a pip package
 # Small digits need few pixels; a CNN runs at any size (a ViT needs its own).
 CNN_IMAGE_SIZE = 64
 
@@ -22,20 +21,13 @@ def demo_flags(epochs: int, batch_size: int, image_size: Optional[int], train_pe
                 train_per_class=train_per_class, test_per_class=test_per_class)
 
 
-def default_backbone() -> str:
-    """The real pre-trained EfficientNet-Lite0 where it is registered, else the tiny test ViT."""
-    from backbones import list_backbones
-    names = {spec.name for spec in list_backbones()}
-    return DEFAULT_BACKBONE if DEFAULT_BACKBONE in names else FALLBACK_BACKBONE
-
-
 def default_image_size(backbone: str) -> Optional[int]:
     from backbones import get_backbone
     spec = get_backbone(backbone)
     return CNN_IMAGE_SIZE if spec.family == "cnn" and spec.image_size > CNN_IMAGE_SIZE else None
 
 
-def run_demo(out: Path, *, backbone: str = FALLBACK_BACKBONE, epochs: int = 3, batch_size: int = 32,
+def run_demo(out: Path, *, backbone: str = DEFAULT_BACKBONE, epochs: int = 3, batch_size: int = 32,
              image_size: Optional[int] = None, train_per_class: Optional[int] = 60,
              test_per_class: Optional[int] = None, seed: int = 1993, device: str = "auto",
              methods=DEMO_METHODS, log: Callable[[str], None] = print, show_progress: bool = True) -> Dict[str, Any]:
