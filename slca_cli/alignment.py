@@ -96,7 +96,7 @@ def align_classifier(heads: nn.ModuleList, means: torch.Tensor, covs: Optional[t
                      tau: float = 0.1, logit_norm: bool = True, mean_scaling: str = "task",
                      generator: Optional[torch.Generator] = None,
                      progress: Optional[Callable[[int, float], None]] = None,
-                     chol: Optional[torch.Tensor] = None) -> None:
+                     chol: Optional[torch.Tensor] = None, sample_transform: Optional[Callable] = None) -> None:
     """Train every head on features sampled from the class Gaussians (spec section 5), in place.
 
     ``means`` and ``chol`` (the Cholesky factors cached with the statistics; computed from ``covs`` when not
@@ -105,6 +105,7 @@ def align_classifier(heads: nn.ModuleList, means: torch.Tensor, covs: Optional[t
     column of ones, with the closed-form gradient of ``alignment_loss_and_grad`` and SGD written out (momentum,
     weight decay, cosine learning rate per epoch as torch's SGD and CosineAnnealingLR): elementwise, so the
     same optimization as per-head parameters, with two matmuls per batch whatever the number of heads.
+    ``sample_transform(features, labels, generator)`` changes each epoch's samples (SLCA++ shrinks old classes).
     """
     device = heads[0].weight.device
     means = means.to(device=device, dtype=torch.float64)
@@ -122,6 +123,8 @@ def align_classifier(heads: nn.ModuleList, means: torch.Tensor, covs: Optional[t
     for epoch in range(epochs):
         epoch_lr = lr * (1 + math.cos(math.pi * epoch / max(epochs, 1))) / 2
         features, labels = sample_features(means, chol, samples_per_class, generator)
+        if sample_transform is not None:
+            features = sample_transform(features, labels, generator)
         order = torch.randperm(len(labels), generator=generator, device=rng_device).to(device)
         features = torch.cat([features, features.new_ones(len(features), 1)], dim=1)[order]
         labels = labels[order]

@@ -5,7 +5,6 @@ import math
 from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
@@ -13,6 +12,7 @@ from .data.loaders import host_loader
 from .distributed import process_loader, sum_across_processes, workers_per_process
 from .errors import SlcaError
 from .model import ContinualModel, freeze_batchnorm_statistics
+from .recipe import TrainingRecipe, paper_recipe
 from .stages import mark
 
 # Steps between host syncs in stage 1: the loss stays on the device in between, so the GPU is never stalled.
@@ -32,20 +32,17 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int, wor
 def fit_task(model: ContinualModel, loader: DataLoader, accelerator, *, task: int, label_offset: int, epochs: int,
              lr_backbone: float, lr_head: float, momentum: float, weight_decay: float,
              lr_drop_epoch: Optional[int], freeze_bn: bool = False, show_progress: bool = True,
-             epoch_checkpoints=None) -> List[float]:
+             epoch_checkpoints=None, recipe: Optional[TrainingRecipe] = None) -> List[float]:
     """Train the backbone (``lr_backbone``) and the current head (``lr_head``) with cross-entropy over the
     current head only; earlier heads stay frozen; with ``freeze_bn`` BatchNorm keeps its running statistics.
+    A method's ``recipe`` replaces that default (which parameters train at what lr, optimizer, schedule, loss).
     Returns the mean loss of each epoch. ``epoch_checkpoints`` (midtask.TaskEpochs) restores an interrupted
     task's state before the first epoch and saves it after epochs."""
-    for i, head in enumerate(model.task_heads):
-        head.requires_grad_(i == task)
-    model.backbone.requires_grad_(lr_backbone > 0)
-    groups = [{"params": list(model.task_heads[task].parameters()), "lr": lr_head}]
-    if lr_backbone > 0:
-        groups.insert(0, {"params": [p for p in model.backbone.parameters()], "lr": lr_backbone})
-    optimizer = torch.optim.SGD(groups, lr=lr_head, momentum=momentum, weight_decay=weight_decay)
-    milestones = [lr_drop_epoch] if lr_drop_epoch and lr_drop_epoch < epochs else []
-    schedule = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=0.1)
+    if recipe is None:
+        recipe = paper_recipe(model, task, lr_backbone=lr_backbone, lr_head=lr_head, momentum=momentum,
+                              weight_decay=weight_decay, lr_drop_epoch=lr_drop_epoch)
+    recipe.mark_trainable(model)
+    optimizer, schedule = recipe.make(epochs)
     train_model, optimizer = accelerator.prepare(model, optimizer)
     # An on-device loader already splits each global batch across processes; DataLoaders go through accelerate.
     train_loader = loader if hasattr(loader, "for_process") else accelerator.prepare_data_loader(loader)
@@ -58,14 +55,18 @@ def fit_task(model: ContinualModel, loader: DataLoader, accelerator, *, task: in
         train_model.train()
         if freeze_bn:
             freeze_batchnorm_statistics(model.backbone)
+        for module in recipe.frozen_modules:
+            module.eval()
         total, seen = torch.zeros((), device=accelerator.device), 0
         for step, (images, labels) in enumerate(train_loader):
             mark("fit", task=task + 1, epoch=epoch + 1, batch=step + 1)
             with accelerator.autocast():
                 logits = train_model(images, head=task)
-                loss = F.cross_entropy(logits.float(), labels - label_offset)
+                loss = recipe.loss(logits.float(), labels - label_offset)
             optimizer.zero_grad(set_to_none=True)
             accelerator.backward(loss)
+            if recipe.grad_clip:
+                accelerator.clip_grad_norm_(list(recipe.parameters()), recipe.grad_clip)
             optimizer.step()
             total += loss.detach() * len(labels)
             seen += len(labels)

@@ -27,6 +27,7 @@ from .data.loaders import PassLoaders, resolve_device_augment
 from .distributed import check_batch_split, sum_across_processes
 from .errors import SlcaError
 from .learner import default_workers, evaluate, feature_batches, fit_task
+from .methods import get_method
 from .metrics import summarize
 from .midtask import EpochCheckpoints, refuse_leftover
 from .model import ContinualModel, replace_final_norm
@@ -93,6 +94,7 @@ def build_model(cfg: RunConfig, spec: BackboneSpec, pretrained: bool, seed: int)
         except ValueError as exc:
             raise SlcaError(str(exc)) from None
     enable_fused_attention(backbone)
+    backbone = get_method(cfg.method).wrap_backbone(backbone, cfg)
     if cfg.compile:
         compile_backbone(backbone)
     return ContinualModel(backbone, int(backbone.num_features))
@@ -183,6 +185,7 @@ def run_seed(cfg: RunConfig, seed: int, run_dir: Path, accelerator, data: Datase
     """One seed of one experiment, task by task; returns the final metrics record. ``checkpoint_every`` N > 0
     also saves the task being trained every N epochs (midtask.py)."""
     spec = get_backbone(cfg.backbone)
+    method = get_method(cfg.method)
     order = class_order(data.num_classes, seed)
     remap = [0] * data.num_classes
     for position, original in enumerate(order):
@@ -237,11 +240,12 @@ def run_seed(cfg: RunConfig, seed: int, run_dir: Path, accelerator, data: Datase
         new_classes = list(range(offset, offset + cfg.task_sizes[task]))
         seen_sizes = list(cfg.task_sizes[: task + 1])
         model.add_head(cfg.task_sizes[task])
+        method.start_task(model, task, cfg)
         fit_task(model, loaders.train(new_classes, task_seed(seed, task)), accelerator, task=task,
                  label_offset=offset, epochs=cfg.epochs, lr_backbone=cfg.lr_backbone, lr_head=cfg.lr_head,
                  momentum=cfg.momentum, weight_decay=cfg.weight_decay, lr_drop_epoch=cfg.lr_drop_epoch,
                  freeze_bn=cfg.freeze_bn, show_progress=show_progress,
-                 epoch_checkpoints=epoch_checkpoints.for_task(task))
+                 epoch_checkpoints=epoch_checkpoints.for_task(task), recipe=method.recipe(model, task, cfg))
         mark("statistics", task=task + 1)
 
         # Class statistics of the new classes: test transform, eval mode, computed once. Each process reads its
@@ -266,9 +270,11 @@ def run_seed(cfg: RunConfig, seed: int, run_dir: Path, accelerator, data: Datase
                              lr=cfg.ca_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, tau=cfg.tau,
                              logit_norm=cfg.logit_norm, mean_scaling=cfg.mean_scaling, generator=generator,
                              progress=lambda epoch, loss: mark("align", task=task + 1, epoch=epoch + 1) or
-                             bar.update(1) or bar.set_postfix(loss=f"{loss:.3f}"))
+                             bar.update(1) or bar.set_postfix(loss=f"{loss:.3f}"),
+                             sample_transform=method.sample_transform(seen_sizes, cfg))
             bar.close()
             model.task_heads.requires_grad_(False)
+            method.after_alignment(model, seen_sizes, cfg)
 
         mark("evaluate", task=task + 1)
         correct, total = evaluate(model, loaders.test(list(range(offset + cfg.task_sizes[task]))), accelerator,
@@ -384,11 +390,14 @@ def resolve_run(dataset: str, backbone: str, method: str, flags: Dict[str, Any])
                                flags.pop("increment", None))
     data = load_dataset(dataset, flags.get("data_root"), num_classes, flags.get("train_per_class"),
                         flags.get("test_per_class"), bool(flags.get("skip_bad_images")))
-    sizes = resolve_task_sizes(data.num_classes, *split)
+    policy = get_method(method)
+    sizes = policy.task_sizes(resolve_task_sizes(data.num_classes, *split), data.num_classes)
     cfg = resolve_config(dataset, spec.name, method, backbone_family=spec.family,
                          backbone_image_size=spec.image_size, backbone_mean=spec.mean, backbone_std=spec.std,
                          num_classes=data.num_classes, task_sizes=sizes, overrides=flags,
                          backbone_defaults=dict(spec.defaults))
+    cfg = policy.finalize_config(cfg)
+    policy.check_backbone(spec.name, lambda: _probe_backbone(spec))
     if dataset == "synthetic":
         cfg = cfg.replace(train_per_class=len(data.train) // data.num_classes,
                           test_per_class=len(data.test) // data.num_classes)
@@ -398,3 +407,12 @@ def resolve_run(dataset: str, backbone: str, method: str, flags: Dict[str, Any])
         cfg = cfg.replace(data_root=str(Path(cfg.data_root).expanduser().resolve()))
     attach_transforms(data, cfg.image_size, cfg.mean, cfg.std)
     return cfg, data
+
+
+def _probe_backbone(spec: BackboneSpec):
+    """The backbone's modules without weights (meta device: no memory, no download), for method checks."""
+    try:
+        with torch.device("meta"):
+            return spec.build(None, False)
+    except Exception:  # a builder that cannot run on the meta device: the check happens when the model is built
+        return None
