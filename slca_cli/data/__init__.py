@@ -11,6 +11,7 @@ from .archives import data_home, locate_dataset
 from .base import DatasetSplits, RemappedSubset, image_folder_splits
 from .cifar100 import LAYOUT as CIFAR100_LAYOUT
 from .cifar100 import cifar100_splits
+from .digits import digits_splits
 from .screening import drop_unreadable
 from .synthetic import NATIVE_SIZE, synthetic_splits
 from .transforms import build_tensor_transforms, build_transforms
@@ -51,6 +52,10 @@ def _on_disk(splits: Callable[..., DatasetSplits]) -> Callable[..., DatasetSplit
     return loader
 
 
+def _digits(root, num_classes, train_per_class, test_per_class):
+    return digits_splits(train_per_class, test_per_class)
+
+
 DATASETS: Dict[str, DatasetInfo] = {
     "synthetic": DatasetInfo("synthetic", "generated colour/texture classes, any number (--num-classes)",
                              "nothing on disk: generated on the fly", False, _synthetic),
@@ -64,6 +69,9 @@ DATASETS: Dict[str, DatasetInfo] = {
                           "(5,994 / 5,794)", cub200.LAYOUT, True, _on_disk(cub200.cub200_splits), (200, 5_994, 5_794)),
     "cars196": DatasetInfo("cars196", "Split Cars-196: 196 classes, 9 tasks of 20 + 16, official split "
                            "(8,144 / 8,041)", cars196.LAYOUT, True, _on_disk(cars196.cars196_splits), (196, 8_144, 8_041)),
+    "digits": DatasetInfo("digits", "scikit-learn's handwritten digits: 1,797 real 8x8 images, 10 classes "
+                          "(about 1,200 train / 600 test), shipped inside scikit-learn", "nothing to download: "
+                          "read from the installed scikit-learn", False, _digits),
     "folder": DatasetInfo("folder", "your own images: class folders under train/ and test/",
                           FOLDER_LAYOUT + " (required: --data-root)", True, _folder),
 }
