@@ -75,16 +75,23 @@ def nearest_mean_baseline(root: Path, image_size: int, train: int, test: int) ->
 
 
 def run_variant(name: str, root: Path, out: Path, args) -> dict:
+    """One `slca train` run of the variant, or its finished run folder when given with --reuse."""
+    reused = dict(item.split("=", 1) for item in args.reuse or []).get(name)
     command = [sys.executable, "-m", "slca_cli", "train", "--dataset", "folder", "--data-root", str(root),
                "--backbone", "efficientnet-lite0-in1k", "--tasks", "10", "--epochs", str(args.epochs),
                "--image-size", str(args.image_size), "--batch-size", str(args.batch_size), "--device", args.device,
                "--no-progress", "--out", str(out),
                *VARIANTS[name]]
     started = time.perf_counter()
-    subprocess.run(command, check=True, cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    if reused:
+        out = Path(reused)
+        command[command.index("--out") + 1] = str(out)
+    else:
+        subprocess.run(command, check=True, cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)))
     metrics = json.loads((out / "seed-1993" / "metrics.json").read_text())
+    seconds = sum(metrics["seconds"]) if reused else time.perf_counter() - started
     return {"variant": name, "last_acc": metrics["last_acc"], "inc_acc": metrics["inc_acc"],
-            "task_accuracy": metrics["task_accuracy"], "seconds": time.perf_counter() - started,
+            "task_accuracy": metrics["task_accuracy"], "seconds": seconds, "reused": bool(reused),
             "peak_memory_mb": max(metrics["peak_memory_mb"]), "command": " ".join(command[1:])}
 
 
@@ -100,6 +107,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--variant", action="append", choices=sorted(VARIANTS))
+    parser.add_argument("--reuse", action="append", metavar="VARIANT=RUN_DIR",
+                        help="Tabulate a finished run folder of that variant instead of training it again.")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "efficientnet_cifar100.json")
     args = parser.parse_args()
     variants = args.variant or ["freeze-bn"]
