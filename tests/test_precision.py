@@ -15,7 +15,7 @@ from slca_cli.speed import enable_fused_attention, resolve_precision
 
 from conftest import REPO, TINY, read_json, run_subprocess
 
-SMALL = ["--tasks", 2, "--epochs", 2, "--num-classes", 4, "--train-per-class", 8, "--test-per-class", 3,
+SMALL = ["--tasks", 2, "--epochs", 1, "--num-classes", 4, "--train-per-class", 8, "--test-per-class", 3,
          "--batch-size", 8]
 
 
