@@ -44,7 +44,7 @@ def fit_task(model: ContinualModel, loader: DataLoader, accelerator, *, task: in
     schedule = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=0.1)
     train_model, optimizer = accelerator.prepare(model, optimizer)
     # An on-device loader already splits each global batch across processes; DataLoaders go through accelerate.
-    train_loader = loader if hasattr(loader, "for_process") else accelerator.prepare_data_loader(loader)
+    train_loader = loader if getattr(loader, "on_device", False) else accelerator.prepare_data_loader(loader)
     losses = []
     bar = tqdm(total=epochs * len(train_loader), desc=f"task {task + 1} stage 1", unit="batch", leave=False,
                disable=not (show_progress and accelerator.is_main_process))

@@ -75,6 +75,8 @@ def test_auto_precision_follows_the_device_and_an_accelerate_config(monkeypatch)
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")
     assert resolve_precision("auto", on_gpu=True, bf16_supported=True) == "fp16"
     assert resolve_precision("fp32", on_gpu=True) == "fp32"
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")  # what accelerate launch sets when nothing is configured
+    assert resolve_precision("auto", on_gpu=True, bf16_supported=True) == "bf16"
 
 
 def tiny_config(**changes):
