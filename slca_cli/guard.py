@@ -2,6 +2,7 @@
 turned into advice. Used by the CLI around ``runner.run_seed``."""
 from __future__ import annotations
 
+import errno
 import shlex
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -53,7 +54,8 @@ def interrupt_message(stop: BaseException, seed: int, run_dir: Path, argv: Seque
             f"Resume with: {resume_command(argv)}")
 
 
-def oom_message(exc: BaseException, seed: int, run_dir: Path, batch_size: int, memory: str) -> str:
+def oom_message(exc: BaseException, seed: int, run_dir: Path, batch_size: int, memory: str, hint: str = "") -> str:
+    """Where memory ran out and which flag to lower."""
     where = stages.describe()
     stage = stages.current().get("stage")
     if stage in ("statistics", "evaluate"):
@@ -62,7 +64,7 @@ def oom_message(exc: BaseException, seed: int, run_dir: Path, batch_size: int, m
     else:
         advice = (f"lower --batch-size (now {batch_size}; a different experiment, so use another --out) or use "
                   f"--precision bf16, then --resume")
-    return f"out of {memory} memory during seed {seed}, {where}; {advice}. {saved_summary(run_dir)}"
+    return f"out of {memory} memory during seed {seed}, {where}; {advice}{hint}. {saved_summary(run_dir)}"
 
 
 @contextmanager
@@ -83,6 +85,9 @@ def guarded_seed(run_dir: Path, seed: int, batch_size: int, log: Callable[[str],
     except MemoryError:
         raise SlcaError(oom_message(MemoryError(), seed, run_dir, batch_size, "host")) from None
     except OSError as exc:
+        if exc.errno == errno.ENOMEM:  # e.g. forking loader workers
+            raise SlcaError(oom_message(exc, seed, run_dir, batch_size, "host", "; fewer --workers also help")) \
+                from None
         what = f"{exc.strerror or exc.__class__.__name__}" + (f": {exc.filename}" if exc.filename else "")
         raise SlcaError(f"{what} during seed {seed}, {stages.describe()}; {saved_summary(run_dir)}. Fix it (free "
                         f"disk space, permissions, --out) and add --resume") from None

@@ -308,3 +308,20 @@ def test_a_full_disk_is_one_line_and_resumable(tmp_path, cli, monkeypatch):
     code, out, err = cli("train", *args, "--resume")
     assert code == 0, err
     assert "after task-01" in out and not (tmp_path / "seed-1993" / ".task-02.partial").exists()
+
+
+def test_host_memory_running_out_while_forking_workers_names_the_flags(tmp_path, cli, monkeypatch):
+    import errno
+    from slca_cli.model import ContinualModel
+    real_forward = ContinualModel.forward
+
+    def forward(self, images, head=None):
+        if head == 1:
+            raise OSError(errno.ENOMEM, "Cannot allocate memory")
+        return real_forward(self, images, head)
+
+    monkeypatch.setattr(ContinualModel, "forward", forward)
+    code, _, err = cli("train", *TINY, "--tasks", 2, "--epochs", 1, "--num-classes", 4, "--train-per-class", 4,
+                       "--test-per-class", 2, "--batch-size", 4, "--out", tmp_path)
+    assert_one_line_error(code, err, "out of host memory during seed 1993, task 2", "--batch-size",
+                          "fewer --workers also help")

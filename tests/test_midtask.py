@@ -80,3 +80,29 @@ def test_an_in_progress_folder_of_another_experiment_is_refused(cli, tmp_path, m
 def test_a_negative_interval_is_refused(cli, tmp_path):
     code, _, err = cli("train", *RUN, "--out", tmp_path, "--checkpoint-every", -1)
     assert_one_line_error(code, err, "--checkpoint-every must be 0 (off) or a number of epochs")
+
+
+@pytest.mark.parametrize("method,workers", [("slca", 1), ("dualprompt", 0)])
+def test_mid_task_resume_equals_a_straight_run(cli, tmp_path, monkeypatch, method, workers):
+    """Stopped after epoch 1 of 2 of task 2. With a loader worker drawing the random flips, epoch 2 after the
+    resume must see the same shuffle and the same worker seeds as in a straight run; DualPrompt trains its
+    prompts with Adam (step counts, two moment buffers) under a constant schedule."""
+    from slca_cli.midtask import TaskEpochs
+    args = [*RUN, "--method", method, "--workers", workers, "--checkpoint-every", 1]
+    code, _, err = cli("train", *args, "--out", tmp_path / "straight")
+    assert code == 0, err
+    real = TaskEpochs.epoch_done
+
+    def stop_after_saving(self, epoch, *rest):
+        real(self, epoch, *rest)
+        if self.task == 1 and epoch == 0:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(TaskEpochs, "epoch_done", stop_after_saving)
+    code, _, err = cli("train", *args, "--out", tmp_path / "run")
+    assert code == 130, err
+    monkeypatch.setattr(TaskEpochs, "epoch_done", real)
+    code, out, err = cli("train", *args, "--out", tmp_path / "run", "--resume")
+    assert code == 0, err
+    assert "resuming task 2 after epoch 1" in out
+    assert task_hashes(tmp_path / "run" / "seed-1993") == task_hashes(tmp_path / "straight" / "seed-1993")
