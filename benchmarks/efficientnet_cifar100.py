@@ -3,7 +3,7 @@ EfficientNet-Lite0 ImageNet-1k backbone, through the `slca train` command line.
 
 Baseline measured in the same run: nearest class mean on the frozen pre-trained features over all 100 classes
 (what the backbone gives with no training at all). Each `slca train` variant is a row: its Last-Acc, Inc-Acc,
-wall time and peak memory. Prints a table and writes benchmarks/results/efficientnet_cifar100.json.
+wall time and peak memory. Prints a table and writes benchmarks/results/efficientnet_cifar100-<device>.json.
 
     python benchmarks/efficientnet_cifar100.py --variant freeze-bn --variant update-bn   # CPU-sized
     python benchmarks/efficientnet_cifar100.py --image-size 224 --epochs 20 --batch-size 128 --device cuda
@@ -109,9 +109,12 @@ def main() -> None:
     parser.add_argument("--variant", action="append", choices=sorted(VARIANTS))
     parser.add_argument("--reuse", action="append", metavar="VARIANT=RUN_DIR",
                         help="Tabulate a finished run folder of that variant instead of training it again.")
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "efficientnet_cifar100.json")
+    parser.add_argument("--out", type=Path, help="default: benchmarks/results/efficientnet_cifar100-<device>.json")
     args = parser.parse_args()
     variants = args.variant or ["freeze-bn"]
+    on_gpu = args.device != "cpu" and torch.cuda.is_available()
+    label = torch.cuda.get_device_name(0).replace(" ", "_") if on_gpu else "cpu"
+    args.out = args.out or REPO / "benchmarks" / "results" / f"efficientnet_cifar100-{label}.json"
 
     root = extract_subset(args.archive, args.cache / f"cifar100-{args.train_per_class}-{args.test_per_class}",
                           args.train_per_class, args.test_per_class)

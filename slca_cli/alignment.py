@@ -1,12 +1,15 @@
 """Classifier alignment: vectorized Gaussian sampling of class features and logit-normalized head training."""
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+import math
+from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange, repeat
 from torch import nn
+
+from .statistics import cholesky_factors  # noqa: F401  (re-exported: the sampler's factorization)
 
 
 def task_membership(task_sizes: Sequence[int], device=None) -> torch.Tensor:
@@ -16,9 +19,15 @@ def task_membership(task_sizes: Sequence[int], device=None) -> torch.Tensor:
     return F.one_hot(task_of, len(task_sizes)).to(torch.float32)
 
 
-def normalize_logits(logits: torch.Tensor, task_sizes: Sequence[int], tau: float) -> torch.Tensor:
-    """Divide each row by tau times the mean over tasks of ``||z[classes of t]||_2 + 1e-7``."""
-    membership = task_membership(task_sizes, logits.device).to(logits.dtype)
+def normalize_logits(logits: torch.Tensor, task_sizes: Sequence[int], tau: float,
+                     membership: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Divide each row by tau times the mean over tasks of ``||z[classes of t]||_2 + 1e-7``.
+
+    ``membership`` (``task_membership(task_sizes)``) may be passed in to avoid rebuilding it every batch.
+    """
+    if membership is None:
+        membership = task_membership(task_sizes, logits.device)
+    membership = membership.to(logits.dtype)
     per_task_norm = torch.sqrt(logits.pow(2) @ membership) + 1e-7
     return logits / (per_task_norm.mean(dim=1, keepdim=True) * tau)
 
@@ -35,64 +44,102 @@ def class_tasks(task_sizes: Sequence[int], mode: str) -> torch.Tensor:
     return torch.repeat_interleave(torch.arange(len(task_sizes)), torch.tensor(list(task_sizes)))
 
 
-def cholesky_factors(covs: torch.Tensor) -> torch.Tensor:
-    """Lower Cholesky factors of a batch of covariances, in float64, adding jitter only where needed."""
-    covs = covs.to(torch.float64)
-    factor, info = torch.linalg.cholesky_ex(covs)
-    jitter = 1e-6
-    while bool((info > 0).any()) and jitter < 1.0:
-        eye = torch.eye(covs.shape[-1], dtype=covs.dtype, device=covs.device)
-        factor, info = torch.linalg.cholesky_ex(covs + jitter * eye)
-        jitter *= 10
-    return factor
-
-
 def sample_features(means: torch.Tensor, chol: torch.Tensor, per_class: int,
                     generator: Optional[torch.Generator] = None, dtype=torch.float32):
-    """``per_class`` draws from N(mean_c, L_c L_c^T) for every class at once: (C*S, D) features, (C*S,) labels."""
+    """``per_class`` draws from N(mean_c, L_c L_c^T) for every class at once: (C*S, D) features, (C*S,) labels.
+
+    One batched matmul of (C, S, D) standard normal noise with the (C, D, D) lower-triangular factors, computed
+    in ``dtype`` (float32 by default, float64 on request) on the device of ``means``; the noise comes from
+    ``generator``, so the samples are reproducible from its seed.
+    """
     num_classes, dim = means.shape
-    noise = torch.randn(num_classes, per_class, dim, generator=generator, device=means.device, dtype=chol.dtype)
-    samples = rearrange(means.to(chol.dtype), "c d -> c 1 d") + noise @ chol.transpose(1, 2)
+    noise = torch.randn(num_classes, per_class, dim, generator=generator, device=means.device, dtype=dtype)
+    samples = torch.baddbmm(rearrange(means.to(dtype), "c d -> c 1 d"), noise,
+                            chol.to(device=means.device, dtype=dtype).transpose(1, 2))
     labels = repeat(torch.arange(num_classes, device=means.device), "c -> (c s)", s=per_class)
-    return rearrange(samples, "c s d -> (c s) d").to(dtype), labels
+    return rearrange(samples, "c s d -> (c s) d"), labels
 
 
-def align_classifier(heads: nn.ModuleList, means: torch.Tensor, covs: torch.Tensor, task_sizes: Sequence[int], *,
-                     epochs: int = 5, samples_per_class: int = 256, batch_size: int = 256, lr: float = 0.01,
-                     momentum: float = 0.9, weight_decay: float = 5e-4, tau: float = 0.1, logit_norm: bool = True,
-                     mean_scaling: str = "task", generator: Optional[torch.Generator] = None,
-                     progress: Optional[Callable[[int, float], None]] = None) -> None:
+def alignment_loss_and_grad(logits: torch.Tensor, labels: torch.Tensor, membership: Optional[torch.Tensor],
+                            tau: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Mean cross-entropy of the logit-normalized logits (``normalize_logits``; plain logits when ``membership``
+    is None) and its gradient with respect to the raw logits, in closed form.
+
+    With r_t = ||z_t||, m = mean_t(r_t + 1e-7) over the T tasks and s = 1 / (tau m), the loss sees u = s z and
+    dL/dz_c = s g_c - (sum_k g_k z_k) s / (m T) * z_c / r_t(c), where g = (softmax(u) - onehot(y)) / B.
+    A handful of fused ops per batch instead of an autograd graph (same numbers up to rounding).
+    """
+    batch = len(labels)
+    if membership is not None:
+        norms = torch.sqrt((logits * logits) @ membership)  # (B, T)
+        mean_norm = (norms + 1e-7).mean(dim=1, keepdim=True)
+        scale = 1.0 / (tau * mean_norm)
+        normalized = logits * scale
+    else:
+        normalized = logits
+    log_probs = torch.log_softmax(normalized, dim=1)
+    picked = log_probs.gather(1, labels[:, None])
+    loss = -picked.mean()
+    grad = log_probs.exp_()
+    grad.scatter_add_(1, labels[:, None], torch.full_like(picked, -1.0))
+    grad.div_(batch)
+    if membership is None:
+        return loss, grad
+    along = (grad * logits).sum(dim=1, keepdim=True)  # dL/ds
+    per_task = (-along * scale / (mean_norm * membership.shape[1])) / norms.clamp_min(torch.finfo(norms.dtype).tiny)
+    return loss, grad.mul_(scale).add_(logits * (per_task @ membership.T))
+
+
+def align_classifier(heads: nn.ModuleList, means: torch.Tensor, covs: Optional[torch.Tensor],
+                     task_sizes: Sequence[int], *, epochs: int = 5, samples_per_class: int = 256,
+                     batch_size: int = 256, lr: float = 0.01, momentum: float = 0.9, weight_decay: float = 5e-4,
+                     tau: float = 0.1, logit_norm: bool = True, mean_scaling: str = "task",
+                     generator: Optional[torch.Generator] = None,
+                     progress: Optional[Callable[[int, float], None]] = None,
+                     chol: Optional[torch.Tensor] = None, sample_transform: Optional[Callable] = None) -> None:
     """Train every head on features sampled from the class Gaussians (spec section 5), in place.
 
-    ``means``/``covs`` cover all seen classes in class-order position; the last task in ``task_sizes`` is current.
+    ``means`` and ``chol`` (the Cholesky factors cached with the statistics; computed from ``covs`` when not
+    given) cover all seen classes in class-order position; the last task in ``task_sizes`` is the current one.
+    All heads are trained as one stacked (classes x (D + 1)) matrix [weight | bias] against features with a
+    column of ones, with the closed-form gradient of ``alignment_loss_and_grad`` and SGD written out (momentum,
+    weight decay, cosine learning rate per epoch as torch's SGD and CosineAnnealingLR): elementwise, so the
+    same optimization as per-head parameters, with two matmuls per batch whatever the number of heads.
+    ``sample_transform(features, labels, generator)`` changes each epoch's samples (SLCA++ shrinks old classes).
     """
     device = heads[0].weight.device
     means = means.to(device=device, dtype=torch.float64)
     if mean_scaling != "off":
         scale = mean_scale(class_tasks(task_sizes, mean_scaling), len(task_sizes) - 1).to(device)
         means = means * scale[:, None]
-    chol = cholesky_factors(covs.to(device))
-    params = [p for h in heads for p in h.parameters()]
-    for p in params:
-        p.requires_grad_(True)
-    optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(epochs, 1))
+    if chol is None:
+        chol = cholesky_factors(covs.to(device))
+    chol = chol.to(device=device, dtype=torch.float32)
+    means = means.to(torch.float32)
+    params = torch.cat([torch.cat([h.weight.detach(), h.bias.detach()[:, None]], dim=1) for h in heads]).float()
+    membership = task_membership(task_sizes, device) if logit_norm else None
+    velocity: Optional[torch.Tensor] = None
+    rng_device = generator.device if generator is not None else device
     for epoch in range(epochs):
+        epoch_lr = lr * (1 + math.cos(math.pi * epoch / max(epochs, 1))) / 2
         features, labels = sample_features(means, chol, samples_per_class, generator)
-        order = torch.randperm(len(labels), generator=generator, device=generator.device if generator else None)
-        order = order.to(device)
-        features, labels = features[order], labels[order]
-        total = 0.0
+        if sample_transform is not None:
+            features = sample_transform(features, labels, generator)
+        order = torch.randperm(len(labels), generator=generator, device=rng_device).to(device)
+        features = torch.cat([features, features.new_ones(len(features), 1)], dim=1)[order]
+        labels = labels[order]
+        total = torch.zeros((), device=device)
         for start in range(0, len(labels), batch_size):
             x, y = features[start:start + batch_size], labels[start:start + batch_size]
-            logits = torch.cat([h(x) for h in heads], dim=1)
-            if logit_norm:
-                logits = normalize_logits(logits, task_sizes, tau)
-            loss = F.cross_entropy(logits, y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total += float(loss.detach()) * len(y)
-        schedule.step()
+            loss, grad_logits = alignment_loss_and_grad(x @ params.T, y, membership, tau)
+            grad = torch.addmm(params, grad_logits.T, x, beta=weight_decay)  # gradient + weight decay
+            velocity = grad if velocity is None else velocity.mul_(momentum).add_(grad)
+            params.add_(velocity, alpha=-epoch_lr)
+            total += loss * len(y)
         if progress is not None:
-            progress(epoch, total / max(len(labels), 1))
+            progress(epoch, float(total) / max(len(labels), 1))
+    with torch.no_grad():
+        sizes = [h.out_features for h in heads]
+        for head, block in zip(heads, params.split(sizes)):
+            head.weight.copy_(block[:, :-1])
+            head.bias.copy_(block[:, -1])

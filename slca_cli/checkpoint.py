@@ -17,6 +17,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .errors import SlcaError
+from .stages import mark
+from .validation import check_task_state
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -97,36 +99,56 @@ def set_rng_state(state: Dict[str, Any]) -> None:
     torch.set_rng_state(torch.from_numpy(np.frombuffer(base64.b64decode(state["torch"]), dtype=np.uint8).copy()))
 
 
-def save_task(run_dir: Path, task: int, model_tensors: Dict[str, torch.Tensor],
-              stats_tensors: Dict[str, torch.Tensor], state: Dict[str, Any]) -> Path:
-    """Write ``task-NN/`` as a whole: files go to a hidden partial folder that is renamed into place last."""
-    final = run_dir / task_dir_name(task)
-    partial = run_dir / f".{final.name}.partial"
-    if partial.exists():
-        shutil.rmtree(partial)
+def remove_path(path: Path) -> None:
+    """Delete a file, a link (never what it points to) or a folder tree."""
+    path = Path(path)
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.exists():
+        shutil.rmtree(path)
+
+
+def write_folder(parent: Path, name: str, tensor_files: Dict[str, Tuple[Dict[str, torch.Tensor], str]],
+                 state: Dict[str, Any]) -> Path:
+    """Write ``parent/name/`` as a whole: tensor files (sha256 recorded in state.json) and state.json go to a
+    hidden partial folder that is renamed into place last, so the folder is either complete or absent."""
+    final = Path(parent) / name
+    partial = Path(parent) / f".{name}.partial"
+    mark("save", folder=name, file="start")
+    remove_path(partial)
     partial.mkdir(parents=True)
     state = dict(state)
-    state["sha256"] = {
-        MODEL_FILE: _save_tensors(partial / MODEL_FILE, model_tensors, {"format": "slca-model"}),
-        STATS_FILE: _save_tensors(partial / STATS_FILE, stats_tensors, {"format": "slca-stats"}),
-    }
+    state["sha256"] = {}
+    for file_name, (tensors, fmt) in tensor_files.items():
+        state["sha256"][file_name] = _save_tensors(partial / file_name, tensors, {"format": fmt})
+        mark("save", folder=name, file=file_name)
     atomic_write_json(partial / STATE_FILE, state)
     _fsync_dir(partial)
-    if final.exists():
-        stale = run_dir / f".{final.name}.stale"
-        if stale.exists():
-            shutil.rmtree(stale)
+    mark("save", folder=name, file="rename")
+    if final.exists() or final.is_symlink():
+        stale = Path(parent) / f".{name}.stale"
+        remove_path(stale)
         os.replace(final, stale)
+        mark("save", folder=name, file="swap")  # the one moment without NAME/: recovery.py repairs a kill here
         os.replace(partial, final)
-        shutil.rmtree(stale)
+        remove_path(stale)
     else:
         os.replace(partial, final)
-    _fsync_dir(run_dir)
+    _fsync_dir(Path(parent))
     return final
+
+
+def save_task(run_dir: Path, task: int, model_tensors: Dict[str, torch.Tensor],
+              stats_tensors: Dict[str, torch.Tensor], state: Dict[str, Any]) -> Path:
+    """Write ``task-NN/`` atomically: model.safetensors, stats.safetensors and state.json."""
+    return write_folder(run_dir, task_dir_name(task), {MODEL_FILE: (model_tensors, "slca-model"),
+                                                       STATS_FILE: (stats_tensors, "slca-stats")}, state)
 
 
 def read_state(task_dir: Path) -> Dict[str, Any]:
     path = Path(task_dir) / STATE_FILE
+    if path.is_symlink():
+        raise SlcaError(f"{path} is a link; slca reads only regular files inside a task folder")
     if not path.is_file():
         raise SlcaError(f"{task_dir} is not a finished task folder (no {STATE_FILE}); give a task-NN/ folder "
                         f"of a run")
@@ -134,9 +156,7 @@ def read_state(task_dir: Path) -> Dict[str, Any]:
         state = json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as exc:
         raise SlcaError(f"{path} is damaged ({exc.__class__.__name__}); resume from an earlier task") from None
-    if not isinstance(state, dict) or "sha256" not in state or "task" not in state:
-        raise SlcaError(f"{path} is not an slca task state (fields task and sha256 missing)")
-    return state
+    return check_task_state(state, path)
 
 
 def load_tensors(task_dir: Path, name: str, state: Dict[str, Any]) -> Dict[str, torch.Tensor]:
@@ -144,6 +164,9 @@ def load_tensors(task_dir: Path, name: str, state: Dict[str, Any]) -> Dict[str, 
     if name not in (MODEL_FILE, STATS_FILE):
         raise SlcaError(f"unknown tensor file {name!r} in {task_dir}")
     path = Path(task_dir) / name
+    if path.is_symlink():
+        raise SlcaError(f"{path} is a link; slca reads only regular files inside a task folder (copy the file "
+                        f"in place of the link)")
     if not path.is_file():
         raise SlcaError(f"{path} is missing; the task folder is incomplete, resume from an earlier task")
     expected = state.get("sha256", {}).get(name)
@@ -162,7 +185,7 @@ def verify_task(task_dir: Path) -> Optional[str]:
         state = read_state(task_dir)
         for name in (MODEL_FILE, STATS_FILE):
             path = Path(task_dir) / name
-            if not path.is_file() or sha256_file(path) != state["sha256"].get(name):
+            if path.is_symlink() or not path.is_file() or sha256_file(path) != state["sha256"].get(name):
                 return f"{name} missing or damaged"
     except SlcaError as exc:
         return str(exc)
@@ -174,11 +197,13 @@ def complete_tasks(run_dir: Path) -> Tuple[int, List[str]]:
     count, warnings = 0, []
     while True:
         folder = Path(run_dir) / task_dir_name(count)
-        if not folder.exists():
+        if not folder.exists() and not folder.is_symlink():
             break
-        problem = verify_task(folder)
+        problem = "it is a link; task folders inside a run are never links" if folder.is_symlink() else \
+            verify_task(folder)
         if problem is not None:
-            warnings.append(f"{folder} is damaged ({problem}); resuming from the task before it")
+            then = "resuming from the task before it" if count else "starting again from task 1"
+            warnings.append(f"{folder} is damaged ({problem}); {then}")
             break
         count += 1
     return count, warnings

@@ -2,103 +2,135 @@
 from __future__ import annotations
 
 import math
-import os
-from typing import Callable, Iterator, List, Optional, Sequence, Tuple
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from .data.loaders import host_loader
+from .distributed import process_loader, sum_across_processes, workers_per_process
 from .errors import SlcaError
 from .model import ContinualModel, freeze_batchnorm_statistics
+from .recipe import TrainingRecipe, paper_recipe
+from .stages import mark
+
+# Steps between host syncs in stage 1: the loss stays on the device in between, so the GPU is never stalled.
+SYNC_EVERY = 25
 
 
 def default_workers(tensor_data: bool) -> int:
-    """Loader processes: none for generated tensors, else up to 8 leaving one core free."""
-    return 0 if tensor_data else max(0, min(8, (os.cpu_count() or 1) - 1))
+    """Loader processes: none for generated tensors, else the node's cores shared among its processes."""
+    return workers_per_process(tensor_data)
 
 
 def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int, workers: int,
                 pin_memory: bool = False) -> DataLoader:
-    generator = torch.Generator().manual_seed(seed)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, num_workers=workers,
-                      pin_memory=pin_memory, drop_last=False, persistent_workers=False)
+    return host_loader(dataset, batch_size, shuffle, seed, workers, pin_memory)
 
 
 def fit_task(model: ContinualModel, loader: DataLoader, accelerator, *, task: int, label_offset: int, epochs: int,
              lr_backbone: float, lr_head: float, momentum: float, weight_decay: float,
-             lr_drop_epoch: Optional[int], freeze_bn: bool = False, show_progress: bool = True) -> List[float]:
+             lr_drop_epoch: Optional[int], freeze_bn: bool = False, show_progress: bool = True,
+             epoch_checkpoints=None, recipe: Optional[TrainingRecipe] = None) -> List[float]:
     """Train the backbone (``lr_backbone``) and the current head (``lr_head``) with cross-entropy over the
     current head only; earlier heads stay frozen; with ``freeze_bn`` BatchNorm keeps its running statistics.
-    Returns the mean loss of each epoch."""
-    for i, head in enumerate(model.task_heads):
-        head.requires_grad_(i == task)
-    model.backbone.requires_grad_(lr_backbone > 0)
-    groups = [{"params": list(model.task_heads[task].parameters()), "lr": lr_head}]
-    if lr_backbone > 0:
-        groups.insert(0, {"params": [p for p in model.backbone.parameters()], "lr": lr_backbone})
-    optimizer = torch.optim.SGD(groups, lr=lr_head, momentum=momentum, weight_decay=weight_decay)
-    milestones = [lr_drop_epoch] if lr_drop_epoch and lr_drop_epoch < epochs else []
-    schedule = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=0.1)
-    train_model, optimizer, train_loader = accelerator.prepare(model, optimizer, loader)
-    losses = []
+    A method's ``recipe`` replaces that default (which parameters train at what lr, optimizer, schedule, loss).
+    Returns the mean loss of each epoch. ``epoch_checkpoints`` (midtask.TaskEpochs) restores an interrupted
+    task's state before the first epoch and saves it after epochs."""
+    if recipe is None:
+        recipe = paper_recipe(model, task, lr_backbone=lr_backbone, lr_head=lr_head, momentum=momentum,
+                              weight_decay=weight_decay, lr_drop_epoch=lr_drop_epoch)
+    recipe.mark_trainable(model)
+    optimizer, schedule = recipe.make(epochs)
+    train_model, optimizer = accelerator.prepare(model, optimizer)
+    # An on-device loader already splits each global batch across processes; DataLoaders go through accelerate.
+    train_loader = loader if getattr(loader, "on_device", False) else accelerator.prepare_data_loader(loader)
+    start_epoch, losses = (epoch_checkpoints.restore(accelerator, train_model, optimizer, schedule, loader,
+                                                     train_loader) if epoch_checkpoints else (0, []))
     bar = tqdm(total=epochs * len(train_loader), desc=f"task {task + 1} stage 1", unit="batch", leave=False,
                disable=not (show_progress and accelerator.is_main_process))
-    for epoch in range(epochs):
+    bar.update(start_epoch * len(train_loader))
+    for epoch in range(start_epoch, epochs):
         train_model.train()
         if freeze_bn:
             freeze_batchnorm_statistics(model.backbone)
-        total, seen = 0.0, 0
-        for images, labels in train_loader:
+        for module in recipe.frozen_modules:
+            module.eval()
+        total, seen = torch.zeros((), device=accelerator.device), 0
+        for step, (images, labels) in enumerate(train_loader):
+            mark("fit", task=task + 1, epoch=epoch + 1, batch=step + 1)
             with accelerator.autocast():
                 logits = train_model(images, head=task)
-                loss = F.cross_entropy(logits.float(), labels - label_offset)
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                raise SlcaError(f"the loss became {value} in task {task + 1}, epoch {epoch + 1}; finished tasks "
-                                f"are kept: lower --lr-backbone / --lr-head or use --precision fp32, then --resume")
+                loss = recipe.loss(logits.float(), labels - label_offset)
             optimizer.zero_grad(set_to_none=True)
             accelerator.backward(loss)
+            if recipe.grad_clip:
+                accelerator.clip_grad_norm_(list(recipe.parameters()), recipe.grad_clip)
             optimizer.step()
-            total += value * len(labels)
+            total += loss.detach() * len(labels)
             seen += len(labels)
             bar.update(1)
-            bar.set_postfix(epoch=epoch + 1, loss=f"{value:.3f}")
+            if (step + 1) % SYNC_EVERY == 0 or step + 1 == len(train_loader):
+                value = float(loss.detach())
+                _check_finite(value, float(total), task, epoch)
+                bar.set_postfix(epoch=epoch + 1, loss=f"{value:.3f}")
         schedule.step()
-        losses.append(total / max(seen, 1))
+        losses.append(float(total) / max(seen, 1))
+        if epoch_checkpoints:
+            epoch_checkpoints.epoch_done(epoch, accelerator, train_model, optimizer, schedule, loader, losses)
     bar.close()
     accelerator.free_memory()
+    # prepare() marked the model as prepared and patched an autocast wrapper onto its forward; undo both, so
+    # that next task (a new head) prepares the plain model again: a fresh DDP wrapper, one autocast wrapper.
+    for attribute in ("forward", "_original_forward", "_is_accelerate_prepared"):
+        model.__dict__.pop(attribute, None)
     model.requires_grad_(False)
     return losses
 
 
+def _check_finite(loss: float, total: float, task: int, epoch: int) -> None:
+    if not (math.isfinite(loss) and math.isfinite(total)):
+        raise SlcaError(f"the loss became {loss if not math.isfinite(loss) else total} in task {task + 1}, epoch "
+                        f"{epoch + 1}; finished tasks are kept. Under fp16/bf16 use --precision fp32 and --resume; "
+                        f"else lower --lr-backbone / --lr-head (another experiment: use another --out)")
+
+
 @torch.no_grad()
-def feature_batches(model: ContinualModel, loader: DataLoader, accelerator,
+def feature_batches(model: ContinualModel, loader, accelerator,
                     desc: str = "", show_progress: bool = True) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
-    """(features in float32, labels) of every sample exactly once, gathered across processes, eval mode."""
+    """(features in float32, labels) of this process's shard of ``loader``, eval mode, on the device.
+
+    The shards of all processes together hold every sample exactly once (``distributed.process_loader``);
+    sum per-process results with ``distributed.sum_across_processes``. One process reads everything.
+    """
     model.eval()
-    prepared = accelerator.prepare_data_loader(loader)
-    for images, labels in tqdm(prepared, desc=desc, unit="batch", leave=False,
+    device = accelerator.device
+    for images, labels in tqdm(process_loader(loader, accelerator), desc=desc, unit="batch", leave=False,
                                disable=not (show_progress and accelerator.is_main_process)):
+        images = images.to(device, non_blocking=True)
+        labels = labels.to(device, non_blocking=True)
         with accelerator.autocast():
             features = model.features(images)
-        features, labels = accelerator.gather_for_metrics((features.float().contiguous(), labels))
-        yield features, labels
+        yield features.float(), labels
 
 
 @torch.no_grad()
-def evaluate(model: ContinualModel, loader: DataLoader, accelerator, task_sizes: Sequence[int],
+def evaluate(model: ContinualModel, loader, accelerator, task_sizes: Sequence[int],
              show_progress: bool = True) -> Tuple[List[int], List[int]]:
-    """Correct and total test images per seen task, argmax over all heads (raw logits)."""
+    """Correct and total test images per seen task, argmax over all heads (raw logits), every sample counted
+    exactly once over all processes."""
     seen = sum(task_sizes)
-    correct = torch.zeros(seen, dtype=torch.long)
-    total = torch.zeros(seen, dtype=torch.long)
+    device = accelerator.device
+    correct = torch.zeros(seen, dtype=torch.long, device=device)
+    total = torch.zeros(seen, dtype=torch.long, device=device)
     for features, labels in feature_batches(model, loader, accelerator, "evaluate", show_progress):
         predictions = model.logits(features.to(model.task_heads[0].weight.dtype)).argmax(dim=1)
-        labels = labels.cpu()
+        labels = labels.long()
         total += torch.bincount(labels, minlength=seen)
-        correct += torch.bincount(labels[predictions.cpu() == labels], minlength=seen)
+        correct += torch.bincount(labels[predictions == labels], minlength=seen)
+    correct = sum_across_processes(correct, accelerator).cpu()
+    total = sum_across_processes(total, accelerator).cpu()
     bounds = torch.cumsum(torch.tensor([0] + list(task_sizes)), 0).tolist()
     per_task = [(int(correct[a:b].sum()), int(total[a:b].sum())) for a, b in zip(bounds[:-1], bounds[1:])]
     return [c for c, _ in per_task], [n for _, n in per_task]

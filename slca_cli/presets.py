@@ -24,6 +24,7 @@ DATASET_PRESETS: Dict[str, Dict[str, Any]] = {
                     mean=IMAGENET_MEAN, std=IMAGENET_STD),
     "folder": dict(tasks=10, epochs=20, lr_drop_epoch=18, tau=0.1, mean=None, std=None),
     "synthetic": dict(tasks=5, epochs=3, lr_drop_epoch=None, tau=0.1, mean=None, std=None),
+    "digits": dict(tasks=5, epochs=5, lr_drop_epoch=4, tau=0.1, mean=None, std=None),
 }
 
 # Self-supervised backbones train longer (spec section 4: MoCo v3 90 epochs, drop after 80). The authors publish
@@ -34,7 +35,41 @@ METHOD_PRESETS: Dict[str, Dict[str, Any]] = {
     "slca": dict(lr_backbone=1e-4, lr_head=1e-2, align=True),
     "sl": dict(lr_backbone=1e-4, lr_head=1e-2, align=False),
     "seqft": dict(lr_backbone=1e-2, lr_head=1e-2, align=False),
+    # The upper bound: every class in one task, the slow learner's recipe.
+    "joint": dict(lr_backbone=1e-4, lr_head=1e-2, align=False),
+    # Frozen pre-trained backbone (its own final norm), heads only.
+    "linear": dict(lr_backbone=0.0, lr_head=1e-2, align=False, fresh_norm=False),
+    # L2P (Wang et al., CVPR 2022) and DualPrompt (Wang et al., ECCV 2022), see CONTRIBUTING.md: frozen ViT,
+    # Adam at 0.03 x 128/256 with a constant schedule, no weight decay, gradient norm clipped at 1, 5 epochs
+    # on CIFAR-100. lr_backbone is the prompts' and keys' learning rate.
+    "l2p": dict(lr_backbone=0.015, lr_head=0.015, align=False, fresh_norm=False, optimizer="adam",
+                schedule="constant", weight_decay=0.0, grad_clip=1.0, epochs=5, lr_drop_epoch=None,
+                prompt_pool=10, prompt_length=5, prompt_top_k=5, matching_weight=0.1),
+    "dualprompt": dict(lr_backbone=0.015, lr_head=0.015, align=False, fresh_norm=False, optimizer="adam",
+                       schedule="constant", weight_decay=0.0, grad_clip=1.0, epochs=5, lr_drop_epoch=None,
+                       prompt_pool=10, prompt_length=5, prompt_top_k=1, g_prompt_length=5, matching_weight=1.0),
+    # SLCA++ (arXiv 2408.08295; spec section 9): LoRA + norms + biases + CLS token, symmetric cross-entropy,
+    # cosine schedule down to 1e-4, alignment with shrunk old-class samples instead of shrunk means.
+    "slca++": dict(lr_backbone=1e-3, lr_head=1e-2, lr_lora=1e-3, lr_lora_first=5e-3, align=True, schedule="cosine",
+                   min_lr=1e-4, lr_drop_epoch=None, sce_a=1.0, sce_b=0.1, lora_rank=4, lora_scale=0.8,
+                   mean_scaling="off", sample_shrink=0.02),
 }
+
+# Method presets that differ per dataset (applied after METHOD_PRESETS).
+_PROMPTS_SMALL_DATA = dict(epochs=50, lr_backbone=0.0025, lr_head=0.0025)  # DualPrompt's ImageNet-R: 0.005 x 128/256
+_SLCAPP_HALF_SCE = dict(sce_a=0.5, sce_b=0.5, weight_decay=0.0)
+METHOD_DATASET_PRESETS: Dict[Tuple[str, str], Dict[str, Any]] = {
+    **{("l2p", d): _PROMPTS_SMALL_DATA for d in ("imagenet-r", "cub200", "cars196")},
+    **{("dualprompt", d): dict(_PROMPTS_SMALL_DATA, prompt_length=20) for d in ("imagenet-r", "cub200", "cars196")},
+    ("slca++", "imagenet-r"): _SLCAPP_HALF_SCE,
+    ("slca++", "cars196"): _SLCAPP_HALF_SCE,
+}
+
+# Settings added for the methods beyond SLCA; their defaults leave seqft/sl/slca unchanged.
+METHOD_SETTINGS: Dict[str, Any] = dict(
+    optimizer="sgd", schedule="step", min_lr=0.0, grad_clip=None, sce_a=1.0, sce_b=0.0, lora_rank=0,
+    lora_scale=0.8, lr_lora=None, lr_lora_first=None, sample_shrink=0.0, prompt_pool=10, prompt_length=5,
+    prompt_top_k=5, g_prompt_length=5, matching_weight=0.1)
 
 MEAN_SCALING = ("task", "authors", "off")
 
@@ -76,7 +111,29 @@ class RunConfig:
     precision: str
     workers: Optional[int]
     freeze_bn: bool = True
+    skip_bad_images: bool = False  # leave unreadable images out (listed in the run folder) instead of stopping
     overridden: Tuple[str, ...] = field(default=())
+    # How the run executes, not what it computes (outside IDENTITY_FIELDS): torch.compile of the backbone, and
+    # the CIFAR transforms on the training device (None: on for CIFAR on a GPU; the runner records the choice).
+    compile: bool = False
+    device_augment: Optional[bool] = None
+    # Method settings (defaults in METHOD_SETTINGS; what each means: CONTRIBUTING.md, "Methods").
+    optimizer: str = "sgd"
+    schedule: str = "step"
+    min_lr: float = 0.0
+    grad_clip: Optional[float] = None
+    sce_a: float = 1.0
+    sce_b: float = 0.0
+    lora_rank: int = 0
+    lora_scale: float = 0.8
+    lr_lora: Optional[float] = None
+    lr_lora_first: Optional[float] = None
+    sample_shrink: float = 0.0
+    prompt_pool: int = 10
+    prompt_length: int = 5
+    prompt_top_k: int = 5
+    g_prompt_length: int = 5
+    matching_weight: float = 0.1
 
     def to_dict(self) -> Dict[str, Any]:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
@@ -103,7 +160,7 @@ class RunConfig:
 IDENTITY_FIELDS = ("dataset", "backbone", "method", "num_classes", "task_sizes", "epochs", "lr_drop_epoch",
                    "lr_backbone", "lr_head", "align", "ca_epochs", "ca_samples", "tau", "logit_norm",
                    "mean_scaling", "fresh_norm", "restore_stage1_heads", "image_size", "batch_size",
-                   "train_per_class", "test_per_class", "freeze_bn")
+                   "train_per_class", "test_per_class", "freeze_bn", *METHOD_SETTINGS)
 
 
 def resolve_config(dataset: str, backbone: str, method: str, *, backbone_family: str,
@@ -129,9 +186,12 @@ def resolve_config(dataset: str, backbone: str, method: str, *, backbone_family:
         ca_batch_size=256, tau=ds["tau"], logit_norm=True, mean_scaling="task", fresh_norm=True,
         restore_stage1_heads=True, cov_ridge=1e-4, image_size=backbone_image_size,
         mean=tuple(ds["mean"] or backbone_mean), std=tuple(ds["std"] or backbone_std),
-        train_per_class=None, test_per_class=None, precision="auto", workers=None, freeze_bn=True,
-        **METHOD_PRESETS[method],
+        train_per_class=None, test_per_class=None, precision="auto", workers=None, skip_bad_images=False,
+        freeze_bn=True, compile=False, device_augment=None,
+        **METHOD_SETTINGS,
     )
+    values.update(METHOD_PRESETS[method])
+    values.update(METHOD_DATASET_PRESETS.get((method, dataset), {}))
     unknown = set(given) - set(values)
     if unknown:
         raise SlcaError(f"unknown setting(s) {sorted(unknown)}")
@@ -166,6 +226,28 @@ def _check(cfg: RunConfig) -> None:
         value = getattr(cfg, name)
         if value is not None and value < 1:
             raise SlcaError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    _check_method_settings(cfg)
+
+
+def _check_method_settings(cfg: RunConfig) -> None:
+    if cfg.optimizer not in ("sgd", "adam"):
+        raise SlcaError(f"--optimizer must be sgd or adam, got '{cfg.optimizer}'")
+    if cfg.schedule not in ("step", "cosine", "constant"):
+        raise SlcaError(f"--schedule must be step, cosine or constant, got '{cfg.schedule}'")
+    for name in ("prompt_pool", "prompt_length", "prompt_top_k", "g_prompt_length"):
+        if getattr(cfg, name) < 1:
+            raise SlcaError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
+    if cfg.prompt_top_k > cfg.prompt_pool:
+        raise SlcaError(f"--prompt-top-k {cfg.prompt_top_k} is larger than --prompt-pool {cfg.prompt_pool}; "
+                        f"select at most as many prompts as the pool holds")
+    if cfg.lora_rank < 0:
+        raise SlcaError(f"--lora-rank must be 0 (no LoRA) or more, got {cfg.lora_rank}")
+    if cfg.sce_a < 0 or cfg.sce_b < 0 or cfg.sce_a + cfg.sce_b == 0:
+        raise SlcaError(f"--sce-a and --sce-b must be >= 0 and not both 0, got {cfg.sce_a} and {cfg.sce_b}")
+    if cfg.grad_clip is not None and cfg.grad_clip <= 0:
+        raise SlcaError(f"--grad-clip must be positive, got {cfg.grad_clip}")
+    if cfg.matching_weight < 0 or cfg.min_lr < 0 or cfg.sample_shrink < 0 or cfg.weight_decay < 0:
+        raise SlcaError("--matching-weight, --min-lr, --sample-shrink and --weight-decay must be >= 0")
 
 
 def task_split_request(dataset: str, tasks: Optional[int], init_classes: Optional[int],

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import csv
 import io
-import json
+import os
 import platform
 import random
 import resource
@@ -22,14 +22,23 @@ from . import __version__
 from .alignment import align_classifier
 from .checkpoint import (MODEL_FILE, STATS_FILE, atomic_write_json, atomic_write_text, complete_tasks,
                          load_tensors, read_state, rng_state, save_task, set_rng_state, sha256_file, task_dir_name)
-from .data import DatasetSplits, RemappedSubset, attach_transforms, load_dataset
+from .data import DatasetSplits, attach_transforms, load_dataset
+from .data.loaders import PassLoaders, resolve_device_augment
+from .distributed import check_batch_split, sum_across_processes
 from .errors import SlcaError
-from .learner import default_workers, evaluate, feature_batches, fit_task, make_loader
+from .learner import default_workers, evaluate, feature_batches, fit_task
+from .methods import get_method
 from .metrics import summarize
+from .midtask import EpochCheckpoints, refuse_leftover
 from .model import ContinualModel, replace_final_norm
 from .presets import IDENTITY_FIELDS, RunConfig
 from .protocol import class_order
-from .statistics import ClassStatistics
+from .signals import uninterruptible
+from .speed import (accelerate_mixed_precision, compile_backbone, enable_fp16_on_cpu, enable_fused_attention,
+                    resolve_precision)
+from .stages import mark
+from .statistics import ClassStatistics, cholesky_factors
+from .validation import stored_data_root
 
 Log = Callable[[str], None]
 
@@ -45,17 +54,24 @@ def library_versions() -> Dict[str, str]:
 
 
 def make_accelerator(device: str, precision: str):
-    """The Accelerator owns devices and precision; ``auto`` precision is bf16 where the GPU supports it."""
+    """The Accelerator owns devices, precision and gradient sync (see speed.resolve_precision for ``auto``).
+
+    ``--batch-size`` stays the global batch under several processes (``split_batches``): each process trains on
+    its slice, so the optimization matches a one-process run.
+    """
     from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration
     if device not in ("auto", "cpu", "cuda"):
         raise SlcaError(f"--device must be auto, cpu or cuda, got '{device}'")
     if device == "cuda" and not torch.cuda.is_available():
         raise SlcaError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu or auto")
-    on_gpu = device != "cpu" and torch.cuda.is_available()
-    if precision == "auto":
-        precision = "bf16" if on_gpu and torch.cuda.is_bf16_supported() else "fp32"
-    mixed = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision]
-    return Accelerator(cpu=device == "cpu", mixed_precision=mixed)
+    launched_on_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    on_gpu = device != "cpu" and not launched_on_cpu and torch.cuda.is_available()
+    precision = resolve_precision(precision, on_gpu)
+    accelerator = Accelerator(cpu=device == "cpu", mixed_precision=accelerate_mixed_precision(precision),
+                              dataloader_config=DataLoaderConfiguration(split_batches=True))
+    enable_fp16_on_cpu(accelerator)
+    return accelerator
 
 
 def seed_everything(seed: int) -> None:
@@ -77,6 +93,10 @@ def build_model(cfg: RunConfig, spec: BackboneSpec, pretrained: bool, seed: int)
             replace_final_norm(backbone)
         except ValueError as exc:
             raise SlcaError(str(exc)) from None
+    enable_fused_attention(backbone)
+    backbone = get_method(cfg.method).wrap_backbone(backbone, cfg)
+    if cfg.compile:
+        compile_backbone(backbone)
     return ContinualModel(backbone, int(backbone.num_features))
 
 
@@ -89,7 +109,7 @@ def peak_memory_mb(device: torch.device) -> float:
 
 def load_data_for(cfg: RunConfig, data_root: Optional[str]) -> DatasetSplits:
     data = load_dataset(cfg.dataset, data_root, cfg.num_classes if cfg.dataset == "synthetic" else None,
-                        cfg.train_per_class, cfg.test_per_class)
+                        cfg.train_per_class, cfg.test_per_class, cfg.skip_bad_images)
     attach_transforms(data, cfg.image_size, cfg.mean, cfg.std)
     return data
 
@@ -119,6 +139,7 @@ class ResumePoint:
     memory: List[float]
     means: List[torch.Tensor]
     covs: List[torch.Tensor]
+    chols: List[torch.Tensor]
 
 
 def check_same_experiment(stored: Dict[str, Any], cfg: RunConfig, run_dir: Path) -> None:
@@ -134,7 +155,7 @@ def find_resume_point(run_dir: Path, cfg: RunConfig, model: ContinualModel, log:
     done, warnings = complete_tasks(run_dir)
     for warning in warnings:
         log(f"warning: {warning}")
-    empty = ResumePoint(0, [], [], [], [], [])
+    empty = ResumePoint(0, [], [], [], [], [], [])
     if done == 0:
         return empty
     last = run_dir / task_dir_name(done - 1)
@@ -147,21 +168,24 @@ def find_resume_point(run_dir: Path, cfg: RunConfig, model: ContinualModel, log:
     weights = {k: v for k, v in tensors.items() if k.startswith("backbone.")}
     weights.update({"task_heads." + k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
     model.load_state_dict(weights)
-    means, covs = [], []
+    means, covs, chols = [], [], []
     for t in range(done):
         folder = run_dir / task_dir_name(t)
         stats = load_tensors(folder, STATS_FILE, read_state(folder))
         means.append(stats["means"])
         covs.append(stats["covs"])
+        chols.append(stats["chol"] if "chol" in stats else cholesky_factors(stats["covs"]))
     set_rng_state(state["rng"])
     log(f"resuming {run_dir} after {last.name} ({done}/{cfg.num_tasks} tasks done)")
-    return ResumePoint(done, state["counts"], state["seconds"], state["peak_memory_mb"], means, covs)
+    return ResumePoint(done, state["counts"], state["seconds"], state["peak_memory_mb"], means, covs, chols)
 
 
 def run_seed(cfg: RunConfig, seed: int, run_dir: Path, accelerator, data: DatasetSplits, *, resume: bool,
-             log: Log = print, show_progress: bool = True) -> Dict[str, Any]:
-    """One seed of one experiment, task by task; returns the final metrics record."""
+             log: Log = print, show_progress: bool = True, checkpoint_every: int = 0) -> Dict[str, Any]:
+    """One seed of one experiment, task by task; returns the final metrics record. ``checkpoint_every`` N > 0
+    also saves the task being trained every N epochs (midtask.py)."""
     spec = get_backbone(cfg.backbone)
+    method = get_method(cfg.method)
     order = class_order(data.num_classes, seed)
     remap = [0] * data.num_classes
     for position, original in enumerate(order):
@@ -176,23 +200,39 @@ def run_seed(cfg: RunConfig, seed: int, run_dir: Path, accelerator, data: Datase
         if complete_tasks(run_dir)[0] > 0 or (run_dir / "metrics.json").exists():
             raise SlcaError(f"{run_dir} already holds finished tasks; pass --resume to continue it or choose "
                             f"another --out")
-        point = ResumePoint(0, [], [], [], [], [])
+        refuse_leftover(run_dir)
+        point = ResumePoint(0, [], [], [], [], [], [])
     device = accelerator.device
     model.to(device)
+    check_batch_split(cfg.batch_size, accelerator.num_processes)
+    cfg = cfg.replace(device_augment=resolve_device_augment(cfg.device_augment, data, device))
     header = {"seed": seed, "config": cfg.to_dict(), "class_order": order,
               "class_names": [data.class_names[c] for c in order], "task_sizes": list(cfg.task_sizes),
               "data_fingerprint": data.fingerprint(), "versions": library_versions()}
     if cfg.weights:
         header["weights_sha256"] = sha256_file(Path(cfg.weights))
+    if resume and point.start_task > 0:
+        check_same_data(run_dir / task_dir_name(point.start_task - 1), header)
+    epoch_checkpoints = EpochCheckpoints(run_dir, checkpoint_every, header, log, accelerator.is_main_process)
+    if resume:
+        epoch_checkpoints.adopt(point.start_task)
     if accelerator.is_main_process:
         atomic_write_json(run_dir / "config.json", header)
+        for name, content in data.records.items():  # e.g. ImageNet-R's split, images left out
+            atomic_write_json(run_dir / name, content)
+    if data.skipped:
+        log(f"--skip-bad-images: left out {len(data.skipped)} unreadable image(s), listed in "
+            f"{run_dir / 'skipped-images.json'}")
     workers = cfg.workers if cfg.workers is not None else default_workers(data.transform_style == "tensor")
-    pin = device.type == "cuda"
+    loaders = PassLoaders(data, remap, batch_size=cfg.batch_size, image_size=cfg.image_size, mean=cfg.mean,
+                          std=cfg.std, device=device, workers=workers, on_device=cfg.device_augment,
+                          rank=accelerator.process_index, world=accelerator.num_processes)
     counts, seconds, memory = point.counts, point.seconds, point.memory
-    means, covs = point.means, point.covs
+    means, covs, chols = point.means, point.covs, point.chols
     record: Dict[str, Any] = {}
     for task in range(point.start_task, cfg.num_tasks):
         started = time.perf_counter()
+        mark("task", task=task + 1)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         seed_everything(task_seed(seed, task))
@@ -200,49 +240,53 @@ def run_seed(cfg: RunConfig, seed: int, run_dir: Path, accelerator, data: Datase
         new_classes = list(range(offset, offset + cfg.task_sizes[task]))
         seen_sizes = list(cfg.task_sizes[: task + 1])
         model.add_head(cfg.task_sizes[task])
-        train_set = RemappedSubset(data.train, remap, new_classes)
-        loader = make_loader(train_set, cfg.batch_size, True, task_seed(seed, task), workers, pin)
-        fit_task(model, loader, accelerator, task=task, label_offset=offset, epochs=cfg.epochs,
-                 lr_backbone=cfg.lr_backbone, lr_head=cfg.lr_head, momentum=cfg.momentum,
-                 weight_decay=cfg.weight_decay, lr_drop_epoch=cfg.lr_drop_epoch, freeze_bn=cfg.freeze_bn,
-                 show_progress=show_progress)
+        method.start_task(model, task, cfg)
+        fit_task(model, loaders.train(new_classes, task_seed(seed, task)), accelerator, task=task,
+                 label_offset=offset, epochs=cfg.epochs, lr_backbone=cfg.lr_backbone, lr_head=cfg.lr_head,
+                 momentum=cfg.momentum, weight_decay=cfg.weight_decay, lr_drop_epoch=cfg.lr_drop_epoch,
+                 freeze_bn=cfg.freeze_bn, show_progress=show_progress,
+                 epoch_checkpoints=epoch_checkpoints.for_task(task), recipe=method.recipe(model, task, cfg))
+        mark("statistics", task=task + 1)
 
-        # Class statistics of the new classes: test transform, eval mode, computed once.
-        stats_set = RemappedSubset(data.train, remap, new_classes, transform=data.test.transform)
+        # Class statistics of the new classes: test transform, eval mode, computed once. Each process reads its
+        # own shard; the partial sums are all-reduced, so every process holds the same statistics.
         accumulator = ClassStatistics(len(new_classes), model.feature_dim, device=device)
-        stats_loader = make_loader(stats_set, cfg.batch_size, False, 0, workers, pin)
-        for features, labels in feature_batches(model, stats_loader, accelerator, "statistics", show_progress):
-            accumulator.update(features, labels.to(device) - offset)
+        for features, labels in feature_batches(model, loaders.statistics(new_classes), accelerator, "statistics",
+                                                show_progress):
+            accumulator.update(features, labels - offset)
+        accumulator.all_reduce(lambda t: sum_across_processes(t, accelerator))
         task_means, task_covs = accumulator.finalize(cfg.cov_ridge)
+        task_chol = cholesky_factors(task_covs)  # once per class; the sampler reuses it in every later task
         means.append(task_means.cpu())
         covs.append(task_covs.cpu())
+        chols.append(task_chol.cpu())
 
         stage1_heads = model.head_state()
         if cfg.align and task > 0 and cfg.ca_epochs > 0:
             generator = torch.Generator(device=device).manual_seed(task_seed(seed, task))
             bar = _progress(cfg.ca_epochs, f"task {task + 1} alignment", show_progress and accelerator.is_main_process)
-            align_classifier(model.task_heads, torch.cat(means), torch.cat(covs), seen_sizes,
+            align_classifier(model.task_heads, torch.cat(means), None, seen_sizes, chol=torch.cat(chols),
                              epochs=cfg.ca_epochs, samples_per_class=cfg.ca_samples, batch_size=cfg.ca_batch_size,
                              lr=cfg.ca_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, tau=cfg.tau,
                              logit_norm=cfg.logit_norm, mean_scaling=cfg.mean_scaling, generator=generator,
-                             progress=lambda epoch, loss: bar.update(1) or bar.set_postfix(loss=f"{loss:.3f}"))
+                             progress=lambda epoch, loss: mark("align", task=task + 1, epoch=epoch + 1) or
+                             bar.update(1) or bar.set_postfix(loss=f"{loss:.3f}"),
+                             sample_transform=method.sample_transform(seen_sizes, cfg))
             bar.close()
             model.task_heads.requires_grad_(False)
+            method.after_alignment(model, seen_sizes, cfg)
 
-        test_set = RemappedSubset(data.test, remap, list(range(offset + cfg.task_sizes[task])))
-        test_loader = make_loader(test_set, cfg.batch_size, False, 0, workers, pin)
-        correct, total = evaluate(model, test_loader, accelerator, seen_sizes, show_progress)
+        mark("evaluate", task=task + 1)
+        correct, total = evaluate(model, loaders.test(list(range(offset + cfg.task_sizes[task]))), accelerator,
+                                  seen_sizes, show_progress)
         counts.append({"correct": correct, "total": total})
         seconds.append(time.perf_counter() - started)
         memory.append(peak_memory_mb(device))
-        record = {"dataset": cfg.dataset, "backbone": cfg.backbone, "method": cfg.method, "seed": seed,
-                  "task_sizes": list(cfg.task_sizes), "tasks_done": task + 1,
-                  **summarize(counts, cfg.num_tasks), "seconds": seconds, "peak_memory_mb": memory,
-                  "counts": counts}
+        record = metrics_record(cfg, seed, counts, seconds, memory)
         if accelerator.is_main_process:
             model_tensors = {k: v for k, v in model.state_dict().items()}
             model_tensors.update({f"stage1_heads.{k}": v for k, v in stage1_heads.items()})
-            stats_tensors = {"means": task_means, "covs": task_covs,
+            stats_tensors = {"means": task_means, "covs": task_covs, "chol": task_chol,
                              "classes": torch.tensor(new_classes, dtype=torch.long)}
             state = {"format": "slca-task", "version": 1, "task": task, "seed": seed, "config": cfg.to_dict(),
                      "class_order": order, "task_sizes": list(cfg.task_sizes), "counts": counts,
@@ -250,8 +294,11 @@ def run_seed(cfg: RunConfig, seed: int, run_dir: Path, accelerator, data: Datase
                                                        "forgetting")},
                      "seconds": seconds, "peak_memory_mb": memory, "rng": rng_state(),
                      "data_fingerprint": header["data_fingerprint"]}
-            save_task(run_dir, task, model_tensors, stats_tensors, state)
-            write_metrics(run_dir, record)
+            with uninterruptible():  # a stop signal waits until the task folder and metrics are written
+                save_task(run_dir, task, model_tensors, stats_tensors, state)
+                mark("metrics", task=task + 1)
+                write_metrics(run_dir, record)
+                epoch_checkpoints.discard()
         accelerator.wait_for_everyone()
         if cfg.restore_stage1_heads:
             model.load_head_state(stage1_heads)
@@ -260,9 +307,30 @@ def run_seed(cfg: RunConfig, seed: int, run_dir: Path, accelerator, data: Datase
             f"new {record['new_accuracy'][task]:.2f}"
         log(f"seed {seed} task {task + 1}/{cfg.num_tasks}: {sum(seen_sizes)} classes, "
             f"accuracy {record['task_accuracy'][task]:.2f}% ({split}), {seconds[-1]:.1f} s")
-    if not record:
-        record = json.loads((run_dir / "metrics.json").read_text())
+    if not record:  # every task was already done: metrics.json may be a task behind if a kill hit in between
+        record = metrics_record(cfg, seed, counts, seconds, memory)
+        if accelerator.is_main_process:
+            write_metrics(run_dir, record)
     return record
+
+
+def metrics_record(cfg: RunConfig, seed: int, counts: List[Dict[str, List[int]]], seconds: List[float],
+                   memory: List[float]) -> Dict[str, Any]:
+    """metrics.json's content after ``len(counts)`` finished tasks."""
+    return {"dataset": cfg.dataset, "backbone": cfg.backbone, "method": cfg.method, "seed": seed,
+            "task_sizes": list(cfg.task_sizes), "tasks_done": len(counts),
+            **summarize(counts, cfg.num_tasks), "seconds": seconds, "peak_memory_mb": memory, "counts": counts}
+
+
+def check_same_data(last_task: Path, header: Dict[str, Any]) -> None:
+    """--resume continues only with the seed, class order and data files the finished tasks were trained on."""
+    state = read_state(last_task)
+    if state.get("seed") != header["seed"] or state["class_order"] != header["class_order"]:
+        raise SlcaError(f"--resume: {last_task} was trained with another seed or class order; the seed folders of "
+                        f"{last_task.parent.parent} were rearranged")
+    if state["data_fingerprint"] != header["data_fingerprint"]:
+        raise SlcaError(f"--resume: the data differs from the data {last_task} was trained on (file list checksum); "
+                        f"point --data-root at the same files, or start a new run with another --out")
 
 
 def _progress(total: int, desc: str, enabled: bool):
@@ -279,13 +347,14 @@ def evaluate_checkpoint(task_dir: Path, data_root: Optional[str], device: str = 
     state = read_state(task_dir)
     cfg = RunConfig.from_dict(state["config"])
     tensors = load_tensors(task_dir, MODEL_FILE, state)
+    load_tensors(task_dir, STATS_FILE, state)  # not needed to score, but a damaged folder is reported, not used
     task = int(state["task"])
     spec = get_backbone(cfg.backbone)
-    model = build_model(cfg.replace(weights=None), spec, pretrained=False, seed=0)
+    model = build_model(cfg.replace(weights=None, compile=False), spec, pretrained=False, seed=0)
     for t in range(task + 1):
         model.add_head(cfg.task_sizes[t])
     model.load_state_dict({k: v for k, v in tensors.items() if not k.startswith("stage1_heads.")})
-    data = load_data_for(cfg, data_root if data_root is not None else cfg.data_root)
+    data = load_data_for(cfg, data_root if data_root is not None else stored_data_root(cfg, task_dir / "state.json"))
     if data.fingerprint() != state.get("data_fingerprint"):
         raise SlcaError(f"the data under {data.root or cfg.dataset} differs from the data this checkpoint was "
                         f"trained on (file list checksum); point --data-root at the same files")
@@ -296,10 +365,13 @@ def evaluate_checkpoint(task_dir: Path, data_root: Optional[str], device: str = 
     for position, original in enumerate(order):
         remap[original] = position
     seen_sizes = list(cfg.task_sizes[: task + 1])
-    test_set = RemappedSubset(data.test, remap, list(range(sum(seen_sizes))))
     workers = cfg.workers if cfg.workers is not None else default_workers(data.transform_style == "tensor")
-    loader = make_loader(test_set, batch_size or cfg.batch_size, False, 0, workers, accelerator.device.type == "cuda")
-    correct, total = evaluate(model, loader, accelerator, seen_sizes, show_progress)
+    # The pipeline the run used (host or device transforms), so the stored accuracy is reproduced.
+    loaders = PassLoaders(data, remap, batch_size=batch_size or cfg.batch_size, image_size=cfg.image_size,
+                          mean=cfg.mean, std=cfg.std, device=accelerator.device, workers=workers,
+                          on_device=resolve_device_augment(cfg.device_augment, data, accelerator.device))
+    correct, total = evaluate(model, loaders.test(list(range(sum(seen_sizes)))), accelerator, seen_sizes,
+                              show_progress)
     result = summarize([{"correct": correct, "total": total}], len(seen_sizes))
     stored = state["metrics"]["task_accuracy"][task]
     return {"task": task + 1, "task_dir": str(task_dir), "accuracy_row": result["accuracy_matrix"][0],
@@ -317,16 +389,30 @@ def resolve_run(dataset: str, backbone: str, method: str, flags: Dict[str, Any])
     split = task_split_request(dataset, flags.pop("tasks", None), flags.pop("init_classes", None),
                                flags.pop("increment", None))
     data = load_dataset(dataset, flags.get("data_root"), num_classes, flags.get("train_per_class"),
-                        flags.get("test_per_class"))
-    sizes = resolve_task_sizes(data.num_classes, *split)
+                        flags.get("test_per_class"), bool(flags.get("skip_bad_images")))
+    policy = get_method(method)
+    sizes = policy.task_sizes(resolve_task_sizes(data.num_classes, *split), data.num_classes)
     cfg = resolve_config(dataset, spec.name, method, backbone_family=spec.family,
                          backbone_image_size=spec.image_size, backbone_mean=spec.mean, backbone_std=spec.std,
                          num_classes=data.num_classes, task_sizes=sizes, overrides=flags,
                          backbone_defaults=dict(spec.defaults))
+    cfg = policy.finalize_config(cfg)
+    policy.check_backbone(spec.name, lambda: _probe_backbone(spec))
     if dataset == "synthetic":
         cfg = cfg.replace(train_per_class=len(data.train) // data.num_classes,
                           test_per_class=len(data.test) // data.num_classes)
     if cfg.weights:
         cfg = cfg.replace(weights=str(Path(cfg.weights).expanduser().resolve()))
+    if cfg.data_root:  # absolute, so that `slca eval` finds the data from any folder
+        cfg = cfg.replace(data_root=str(Path(cfg.data_root).expanduser().resolve()))
     attach_transforms(data, cfg.image_size, cfg.mean, cfg.std)
     return cfg, data
+
+
+def _probe_backbone(spec: BackboneSpec):
+    """The backbone's modules without weights (meta device: no memory, no download), for method checks."""
+    try:
+        with torch.device("meta"):
+            return spec.build(None, False)
+    except Exception:  # a builder that cannot run on the meta device: the check happens when the model is built
+        return None

@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+import os
+import unicodedata
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from PIL import Image
@@ -50,10 +52,14 @@ class FileSplit(LabelledSplit):
             with Image.open(path) as img:
                 return img.convert("RGB")
         except Exception as exc:  # PIL raises many kinds of errors for damaged files
-            raise SlcaError(f"cannot read image {path}: {exc.__class__.__name__}: {exc}") from None
+            raise SlcaError(f"cannot read image {path}: {exc.__class__.__name__}: {exc}; replace or remove it, or "
+                            f"pass --skip-bad-images to leave unreadable images out") from None
 
     def describe(self, index: int) -> str:
         return self.files[index].relative_to(self.root).as_posix()
+
+    def subset(self, indices: Sequence[int]) -> "FileSplit":
+        return FileSplit(self.root, [self.files[i] for i in indices], [self.labels[i] for i in indices])
 
 
 class ArraySplit(LabelledSplit):
@@ -76,6 +82,10 @@ class DatasetSplits:
     test: LabelledSplit
     transform_style: str
     root: Optional[str] = None
+    layout: str = ""
+    # Files for the run folder (name -> JSON content), e.g. ImageNet-R's split or the skipped images.
+    records: Dict[str, Any] = field(default_factory=dict)
+    skipped: List[str] = field(default_factory=list)
 
     @property
     def num_classes(self) -> int:
@@ -89,7 +99,9 @@ class DatasetSplits:
         digest = hashlib.sha256()
         for split_name, split in (("train", self.train), ("test", self.test)):
             for i in range(len(split)):
-                digest.update(f"{split_name}\t{split.describe(i)}\t{split.labels[i]}\n".encode())
+                # surrogateescape: file names that are not valid UTF-8 still hash (to their bytes)
+                digest.update(f"{split_name}\t{split.describe(i)}\t{split.labels[i]}\n".encode("utf-8",
+                                                                                          "surrogateescape"))
         return digest.hexdigest()
 
 
@@ -106,19 +118,105 @@ def cap_per_class(labels: Sequence[int], cap: Optional[int]) -> List[int]:
     return keep
 
 
+def has_split_folders(folder: Path) -> bool:
+    """The image-folder layout: ``train/`` and ``test/`` side by side."""
+    return (folder / "train").is_dir() and (folder / "test").is_dir()
+
+
+def _list_folder(folder: Path) -> List[os.DirEntry]:
+    """The entries of ``folder`` sorted by name; an unreadable folder is a SlcaError."""
+    try:
+        with os.scandir(folder) as entries:
+            return sorted(entries, key=lambda e: e.name)
+    except OSError as exc:
+        raise SlcaError(f"cannot list {folder} ({exc.strerror or exc.__class__.__name__}); make it readable") from None
+
+
+def _kind(entry: os.DirEntry) -> str:
+    """dir, file (regular, links followed), broken (dangling or looping link) or special (pipe, socket, device)."""
+    try:
+        if entry.is_dir():
+            return "dir"
+        if entry.is_file():
+            return "file"
+    except OSError:  # a link loop raises ELOOP
+        return "broken"
+    return "broken" if entry.is_symlink() else "special"
+
+
+def class_name(folder_name: str) -> str:
+    """A class folder's name in Unicode NFC form: macOS writes names decomposed (NFD), Linux keeps what it is given,
+    so the same name copied between them is one class."""
+    return unicodedata.normalize("NFC", folder_name)
+
+
+def class_folders(folder: Path) -> List[str]:
+    """Names of the class folders under ``folder`` as they are on disk, sorted by their NFC form (that order gives
+    the class ids). Hidden folders and ``__MACOSX`` are skipped; a broken or looping link, or two names that differ
+    only in Unicode form, is an error. Links are followed one level only, so loops cannot hang the scan."""
+    names: dict = {}
+    for entry in _list_folder(folder):
+        if entry.name.startswith(".") or entry.name == "__MACOSX":
+            continue
+        kind = _kind(entry)
+        if kind == "broken":
+            raise SlcaError(f"{folder / entry.name} is a broken or looping link; fix it or remove it")
+        if kind != "dir":
+            continue  # loose files next to the class folders
+        name = class_name(entry.name)
+        if name in names:
+            raise SlcaError(f"{folder} has two class folders named {name!r} (in different Unicode forms); rename "
+                            f"or merge them")
+        names[name] = entry.name
+    return [names[k] for k in sorted(names)]
+
+
+def image_files(folder: Path) -> List[Path]:
+    """Image files directly in ``folder``, sorted by name. Left out: hidden files (``.x``, macOS ``._x``), other
+    extensions, sub-folders. An image-named entry that is a broken or looping link, or a pipe, socket or device
+    (opening it could block forever), is an error."""
+    found = []
+    for entry in _list_folder(folder):
+        if entry.name.startswith(".") or os.path.splitext(entry.name)[1].lower() not in IMAGE_EXTENSIONS:
+            continue
+        kind = _kind(entry)
+        if kind == "broken":
+            raise SlcaError(f"{folder / entry.name} is a broken or looping link; fix it or remove it")
+        if kind == "special":
+            raise SlcaError(f"{folder / entry.name} is not a regular file (a pipe, socket or device); remove it")
+        if kind == "file":
+            found.append(folder / entry.name)
+    return found
+
+
+def check_class_count(splits: "DatasetSplits", expected: int, layout_hint: str) -> "DatasetSplits":
+    """The benchmark's class count is part of its protocol (task sizes): anything else is the wrong folder."""
+    if splits.num_classes != expected:
+        raise SlcaError(f"{splits.root} holds {splits.num_classes} classes, {splits.name} has {expected} "
+                        f"({layout_hint}); point --data-root at the full dataset, or use --dataset folder for "
+                        f"other image folders")
+    return splits
+
+
 def scan_image_folder(split_dir: Path, flag_hint: str) -> Tuple[List[str], List[Path], List[int]]:
-    """``split_dir/<class>/*`` -> (class names sorted, files, labels)."""
+    """``split_dir/<class>/<image>`` -> (class names sorted, files, labels).
+
+    Class names are compared in Unicode NFC form (macOS writes NFD), so the same name typed on two systems is one
+    class. Skipped, by design: names starting with a dot (hidden, macOS ``._*`` files), loose files next to the class
+    folders, sub-folders inside a class folder and files without an image extension. Errors: a class folder with
+    no images, an image-named entry that is a broken or looping link or not a regular file. Links are followed one
+    level only (no recursion), so link loops cannot hang the scan."""
     if not split_dir.is_dir():
         raise SlcaError(f"{split_dir} is not a folder; {flag_hint} must hold train/<class>/* and test/<class>/*")
-    classes = sorted(p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    folders = class_folders(split_dir)
+    classes = [class_name(f) for f in folders]
     if not classes:
         raise SlcaError(f"{split_dir} has no class folders; expected {split_dir}/<class>/<image>")
     files, labels = [], []
-    for label, name in enumerate(classes):
-        found = sorted(p for p in (split_dir / name).iterdir()
-                       if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    for label, folder in enumerate(folders):
+        found = image_files(split_dir / folder)
         if not found:
-            raise SlcaError(f"class folder {split_dir / name} has no images ({', '.join(IMAGE_EXTENSIONS)}); "
+            raise SlcaError(f"class folder {split_dir / folder} has no images ({', '.join(IMAGE_EXTENSIONS)}); "
                             f"add images or remove the folder")
         files.extend(found)
         labels.extend([label] * len(found))
@@ -140,11 +238,21 @@ def image_folder_splits(name: str, root: Path, transform_style: str, train_per_c
         only_test = sorted(set(test_classes) - set(train_classes))
         raise SlcaError(f"train/ and test/ under {root} have different class folders "
                         f"(only in train: {only_train[:5]}, only in test: {only_test[:5]}); make them match")
+    return file_splits(name, root, train_classes, (train_files, train_labels), (test_files, test_labels),
+                       transform_style, train_per_class, test_per_class, "train/<class>/*, test/<class>/*")
+
+
+def file_splits(name: str, root: Path, class_names: List[str], train: Tuple[List[Path], List[int]],
+                test: Tuple[List[Path], List[int]], transform_style: str, train_per_class: Optional[int],
+                test_per_class: Optional[int], layout: str) -> DatasetSplits:
+    """DatasetSplits over image files, keeping at most the first ``*_per_class`` items of each class."""
+    (train_files, train_labels), (test_files, test_labels) = train, test
     keep_train = cap_per_class(train_labels, train_per_class)
     keep_test = cap_per_class(test_labels, test_per_class)
-    train = FileSplit(root, [train_files[i] for i in keep_train], [train_labels[i] for i in keep_train])
-    test = FileSplit(root, [test_files[i] for i in keep_test], [test_labels[i] for i in keep_test])
-    return DatasetSplits(name, train_classes, train, test, transform_style, str(root))
+    return DatasetSplits(name, list(class_names),
+                         FileSplit(root, [train_files[i] for i in keep_train], [train_labels[i] for i in keep_train]),
+                         FileSplit(root, [test_files[i] for i in keep_test], [test_labels[i] for i in keep_test]),
+                         transform_style, str(root), layout)
 
 
 class RemappedSubset(Dataset):

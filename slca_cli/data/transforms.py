@@ -15,7 +15,8 @@ def _test_resize(image_size: int) -> int:
 
 def build_transforms(style: str, image_size: int, mean: Sequence[float],
                      std: Sequence[float]) -> Tuple[Callable, Callable]:
-    """(train, test) transforms for PIL images. ``style``: cifar, crop (ImageNet-R, folder) or fine-grained."""
+    """(train, test) transforms for PIL images. ``style``: cifar, crop (ImageNet-R, folder),
+    fine-grained or digits."""
     normalize = [T.ToTensor(), T.Normalize(mean, std)]
     if style == "cifar":
         train = [T.RandomResizedCrop(image_size, interpolation=BICUBIC), T.RandomHorizontalFlip(),
@@ -23,6 +24,8 @@ def build_transforms(style: str, image_size: int, mean: Sequence[float],
     elif style == "fine-grained":
         big = round(image_size * 300 / 224)
         train = [T.Resize((big, big), interpolation=BICUBIC), T.RandomCrop(image_size), T.RandomHorizontalFlip()]
+    elif style == "digits":  # small shifts only: flips and crops of a digit change or cut it
+        train = [T.Resize(_test_resize(image_size), interpolation=BICUBIC), T.RandomCrop(image_size)]
     elif style == "crop":
         train = [T.RandomResizedCrop(image_size, interpolation=BICUBIC), T.RandomHorizontalFlip()]
     else:

@@ -1,0 +1,118 @@
+"""The protocol's CIFAR transforms as batched tensor ops on the training device (uint8 in, normalized float out).
+
+Same sampling as torchvision's RandomResizedCrop (scale 0.08-1, ratio 3/4-4/3, ten attempts then a centre
+fallback), horizontal flip and ColorJitter(brightness); crop + resize of a whole batch is one bicubic
+``grid_sample`` with a per-image affine grid. Differences from the PIL path, all below what augmentation
+randomness already varies: torch's bicubic kernel (a = -0.75) instead of PIL's (a = -0.5), no rounding to
+uint8 between steps, and at the crop's edges the bicubic taps read the real neighbouring pixels where
+crop-then-resize repeats the edge pixel. The test transform (Resize(256/224 x size) + CenterCrop(size))
+samples exactly the points torchvision's tensor Resize(antialias=False) + CenterCrop would.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+Boxes = Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # top, left, height, width (pixels)
+
+
+def _uniform(n: int, low: float, high: float, generator: Optional[torch.Generator], device, attempts: int = 0):
+    shape = (n, attempts) if attempts else (n,)
+    return low + (high - low) * torch.rand(shape, generator=generator, device=device, dtype=torch.float64)
+
+
+def random_resized_crop_boxes(n: int, height: int, width: int, generator: Optional[torch.Generator] = None,
+                              device=None, scale: Sequence[float] = (0.08, 1.0),
+                              ratio: Sequence[float] = (3 / 4, 4 / 3), attempts: int = 10) -> Boxes:
+    """One crop box per image, drawn as torchvision's ``RandomResizedCrop.get_params`` draws it, for all at once."""
+    area = height * width
+    target = area * _uniform(n, scale[0], scale[1], generator, device, attempts)
+    aspect = torch.exp(_uniform(n, math.log(ratio[0]), math.log(ratio[1]), generator, device, attempts))
+    w = torch.round(torch.sqrt(target * aspect))
+    h = torch.round(torch.sqrt(target / aspect))
+    valid = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    first = valid.to(torch.int8).argmax(dim=1, keepdim=True)
+    found = valid.any(dim=1)
+    w = w.gather(1, first).squeeze(1)
+    h = h.gather(1, first).squeeze(1)
+    # Fallback (no attempt fit): the whole image, cropped to the nearest allowed aspect ratio, centred.
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        fw, fh = width, round(width / min(ratio))
+    elif in_ratio > max(ratio):
+        fh, fw = height, round(height * max(ratio))
+    else:
+        fw, fh = width, height
+    h = torch.where(found, h, torch.full_like(h, fh))
+    w = torch.where(found, w, torch.full_like(w, fw))
+    top = torch.floor(torch.rand(n, generator=generator, device=device, dtype=torch.float64) * (height - h + 1))
+    left = torch.floor(torch.rand(n, generator=generator, device=device, dtype=torch.float64) * (width - w + 1))
+    top = torch.where(found, top, torch.full_like(top, (height - fh) // 2))
+    left = torch.where(found, left, torch.full_like(left, (width - fw) // 2))
+    return top, left, h, w
+
+
+def center_crop_boxes(n: int, height: int, width: int, image_size: int, device=None) -> Boxes:
+    """The source region that Resize(round(size * 256 / 224)) (shorter side) + CenterCrop(size) keeps."""
+    resize = round(image_size * 256 / 224)
+    if height <= width:
+        new_h, new_w = resize, int(resize * width / height)
+    else:
+        new_w, new_h = resize, int(resize * height / width)
+    crop_top = int(round((new_h - image_size) / 2.0))
+    crop_left = int(round((new_w - image_size) / 2.0))
+    sy, sx = height / new_h, width / new_w
+    full = lambda v: torch.full((n,), float(v), device=device, dtype=torch.float64)  # noqa: E731
+    return full(crop_top * sy), full(crop_left * sx), full(image_size * sy), full(image_size * sx)
+
+
+def crop_resize(images: torch.Tensor, boxes: Boxes, size: int, flip: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Crop ``boxes`` out of float images (N, C, H, W), resize each to ``size`` x ``size`` (bicubic, edge pixels
+    repeated), optionally mirrored: one affine grid and one ``grid_sample`` for the whole batch."""
+    n, _, height, width = images.shape
+    top, left, h, w = (b.to(images.device, torch.float64) for b in boxes)
+    sign = torch.ones(n, dtype=torch.float64, device=images.device)
+    if flip is not None:
+        sign = torch.where(flip.to(images.device), -sign, sign)
+    theta = torch.zeros(n, 2, 3, dtype=torch.float64, device=images.device)
+    # Output pixel centre u in (0, 1) samples input x = left + u * w (pixel edges at integers).
+    theta[:, 0, 0] = sign * w / width
+    theta[:, 0, 2] = (2 * left + w) / width - 1
+    theta[:, 1, 1] = h / height
+    theta[:, 1, 2] = (2 * top + h) / height - 1
+    grid = F.affine_grid(theta.to(images.dtype), [n, images.shape[1], size, size], align_corners=False)
+    return F.grid_sample(images, grid, mode="bicubic", padding_mode="border", align_corners=False)
+
+
+def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    m = torch.tensor(mean, device=images.device, dtype=images.dtype).view(1, -1, 1, 1)
+    s = torch.tensor(std, device=images.device, dtype=images.dtype).view(1, -1, 1, 1)
+    return (images - m) / s
+
+
+def to_float(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (N, C, H, W) -> float32 in [0, 1]."""
+    return images.to(torch.float32) / 255.0
+
+
+def cifar_train_batch(images: torch.Tensor, size: int, mean: Sequence[float], std: Sequence[float],
+                      generator: Optional[torch.Generator] = None, brightness: float = 63 / 255) -> torch.Tensor:
+    """RandomResizedCrop(size, bicubic) + horizontal flip + ColorJitter(brightness) + normalize, batched."""
+    n, _, height, width = images.shape
+    device = images.device
+    boxes = random_resized_crop_boxes(n, height, width, generator, device)
+    flip = torch.rand(n, generator=generator, device=device) < 0.5
+    x = crop_resize(to_float(images), boxes, size, flip).clamp_(0, 1)
+    factor = _uniform(n, max(0.0, 1 - brightness), 1 + brightness, generator, device).to(x.dtype)
+    x = (x * factor.view(n, 1, 1, 1)).clamp_(0, 1)
+    return normalize(x, mean, std)
+
+
+def eval_batch(images: torch.Tensor, size: int, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """Resize(round(size * 256 / 224)) + CenterCrop(size) (bicubic) + normalize, batched."""
+    n, _, height, width = images.shape
+    x = crop_resize(to_float(images), center_crop_boxes(n, height, width, size, images.device), size)
+    return normalize(x.clamp_(0, 1), mean, std)

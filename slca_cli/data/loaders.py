@@ -1,0 +1,184 @@
+"""Which loader feeds each pass (train, statistics, test): host DataLoaders with worker processes, or the whole
+split held once as uint8 on the training device with the transforms applied batched there (small images)."""
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from ..errors import SlcaError
+from ..signals import worker_init
+from .base import ArraySplit, DatasetSplits, LabelledSplit, RemappedSubset
+from .device_transforms import cifar_train_batch, eval_batch
+
+DEVICE_AUGMENT_STYLES = ("cifar",)
+
+
+def host_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int, workers: int,
+                pin_memory: bool = False) -> DataLoader:
+    """A DataLoader whose shuffle and worker seeds come from ``seed`` only. Workers are started afresh every epoch
+    (not persistent): each epoch then draws its worker seeds from the generator, so a run resumed at an epoch
+    boundary (--checkpoint-every) augments exactly as a straight run does."""
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, num_workers=workers,
+                      pin_memory=pin_memory, drop_last=False, persistent_workers=False,
+                      worker_init_fn=worker_init if workers > 0 else None)
+
+
+def resolve_device_augment(flag: Optional[bool], data: DatasetSplits, device: torch.device) -> bool:
+    """``--augment-on-device``: default on for CIFAR-style data on a GPU, off elsewhere."""
+    supported = data.transform_style in DEVICE_AUGMENT_STYLES
+    if flag is None:
+        return supported and device.type == "cuda"
+    if flag and not supported:
+        raise SlcaError(f"--augment-on-device implements the CIFAR transforms only; {data.name} uses the "
+                        f"'{data.transform_style}' transforms on host workers: drop the flag or pass "
+                        f"--augment-on-host")
+    return flag
+
+
+class _Pixels(Dataset):
+    def __init__(self, split: LabelledSplit):
+        self.split = split
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, index: int):
+        image = self.split.load(index)
+        if isinstance(image, torch.Tensor):  # float in [0, 1], (C, H, W)
+            return (image * 255).round().clamp(0, 255).to(torch.uint8)
+        return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
+def uint8_images(split: LabelledSplit, workers: int = 0) -> torch.Tensor:
+    """Every image of ``split`` as one (N, 3, H, W) uint8 tensor, decoded once (in parallel by ``workers``)."""
+    if isinstance(split, ArraySplit):
+        return torch.from_numpy(np.ascontiguousarray(split.images)).permute(0, 3, 1, 2).contiguous()
+    chunks = []
+    loader = DataLoader(_Pixels(split), batch_size=256, num_workers=workers, collate_fn=_stack_same_size)
+    for chunk in loader:
+        chunks.append(chunk)
+    return torch.cat(chunks)
+
+
+def _stack_same_size(images):
+    sizes = {tuple(im.shape) for im in images}
+    if len(sizes) > 1:
+        raise SlcaError(f"--augment-on-device needs images of one size, found {sorted(sizes)[:3]}; pass "
+                        f"--augment-on-host")
+    return torch.stack(images)
+
+
+class DeviceLoader:
+    """Batches of (transformed images, labels) from uint8 images already on the device.
+
+    Training (``shuffle``): one permutation per epoch from ``(seed, epoch)``, identical on every process; each
+    global batch of ``batch_size`` is split across the ``world`` processes as accelerate's ``split_batches``
+    does (the last batch padded from the start of the permutation to a multiple of ``world``), so the
+    optimization matches a one-process run. Evaluation: ``for_process`` gives a strided shard, no padding.
+    """
+
+    on_device = True
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor, batch_size: int,
+                 transform: Callable[[torch.Tensor, Optional[torch.Generator]], torch.Tensor], *,
+                 shuffle: bool, seed: int = 0, rank: int = 0, world: int = 1):
+        self.images, self.labels, self.indices = images, labels, indices
+        self.batch_size, self.transform, self.shuffle = batch_size, transform, shuffle
+        self.seed, self.rank, self.world, self.epoch = seed, rank, world, 0
+        self.augment_generator = torch.Generator(device=images.device).manual_seed(seed * 7919 + rank)
+
+    def __len__(self) -> int:
+        return -(-len(self.indices) // self.batch_size)
+
+    @property
+    def generator(self) -> torch.Generator:
+        """The augmentation generator (saved and restored by --checkpoint-every, like a DataLoader's)."""
+        return self.augment_generator
+
+    def set_epoch(self, epoch: int) -> None:
+        """Continue at ``epoch``: the shuffle of each epoch depends on (seed, epoch) only."""
+        self.epoch = epoch
+
+    def for_process(self, rank: int, world: int) -> "DeviceLoader":
+        return DeviceLoader(self.images, self.labels, self.indices[rank::world], self.batch_size, self.transform,
+                            shuffle=False, seed=self.seed, rank=rank, world=world)
+
+    def _batches(self):
+        if not self.shuffle:
+            yield from self.indices.split(self.batch_size)
+            return
+        generator = torch.Generator(device=self.indices.device).manual_seed(self.seed * 100_003 + self.epoch)
+        self.epoch += 1
+        order = self.indices[torch.randperm(len(self.indices), generator=generator, device=self.indices.device)]
+        for batch in order.split(self.batch_size):
+            if self.world > 1:
+                pad = -len(batch) % self.world
+                batch = torch.cat([batch, order[:pad]]).chunk(self.world)[self.rank]
+            yield batch
+
+    def __iter__(self):
+        generator = self.augment_generator if self.shuffle else None
+        for batch in self._batches():
+            yield self.transform(self.images[batch], generator), self.labels[batch]
+
+
+class PassLoaders:
+    """The loaders of one seed's passes. ``remap[c]`` is the class-order position of dataset class ``c``."""
+
+    def __init__(self, data: DatasetSplits, remap: Sequence[int], *, batch_size: int, image_size: int,
+                 mean: Sequence[float], std: Sequence[float], device: torch.device, workers: int,
+                 on_device: bool, rank: int = 0, world: int = 1):
+        self.data, self.remap, self.batch_size = data, list(remap), batch_size
+        self.image_size, self.mean, self.std = image_size, tuple(mean), tuple(std)
+        self.device, self.workers, self.on_device = device, workers, on_device
+        self.rank, self.world = rank, world
+        self.pin = device.type == "cuda"
+        self._stores = {}
+
+    def _store(self, split_name: str):
+        """(uint8 images, class-order labels) of a split on the device, uploaded on first use."""
+        if split_name not in self._stores:
+            split = getattr(self.data, split_name)
+            images = uint8_images(split, self.workers).to(self.device)
+            remap = torch.tensor(self.remap, dtype=torch.long)
+            labels = remap[torch.tensor(split.labels, dtype=torch.long)].to(self.device)
+            self._stores[split_name] = (images, labels)
+        return self._stores[split_name]
+
+    def _device_loader(self, split_name: str, classes: Sequence[int], train: bool, seed: int = 0):
+        images, labels = self._store(split_name)
+        wanted = torch.zeros(len(self.remap), dtype=torch.bool, device=self.device)
+        wanted[torch.tensor(list(classes), dtype=torch.long, device=self.device)] = True
+        indices = torch.nonzero(wanted[labels]).flatten()
+        size, mean, std = self.image_size, self.mean, self.std
+        if train:
+            transform = lambda x, g: cifar_train_batch(x, size, mean, std, g)  # noqa: E731
+            return DeviceLoader(images, labels, indices, self.batch_size, transform, shuffle=True, seed=seed,
+                                rank=self.rank, world=self.world)
+        transform = lambda x, g: eval_batch(x, size, mean, std)  # noqa: E731
+        return DeviceLoader(images, labels, indices, self.batch_size, transform, shuffle=False)
+
+    def train(self, classes: Sequence[int], seed: int):
+        """Training images of ``classes`` under the train transform, shuffled from ``seed``."""
+        if self.on_device:
+            return self._device_loader("train", classes, True, seed)
+        return host_loader(RemappedSubset(self.data.train, self.remap, classes), self.batch_size, True, seed,
+                           self.workers, self.pin)
+
+    def statistics(self, classes: Sequence[int]):
+        """Training images of ``classes`` under the test transform (class statistics)."""
+        if self.on_device:
+            return self._device_loader("train", classes, False)
+        subset = RemappedSubset(self.data.train, self.remap, classes, transform=self.data.test.transform)
+        return host_loader(subset, self.batch_size, False, 0, self.workers, self.pin)
+
+    def test(self, classes: Sequence[int]):
+        """Test images of ``classes`` under the test transform."""
+        if self.on_device:
+            return self._device_loader("test", classes, False)
+        return host_loader(RemappedSubset(self.data.test, self.remap, classes), self.batch_size, False, 0,
+                           self.workers, self.pin)

@@ -1,0 +1,67 @@
+"""How the backbone runs fast: mixed precision through accelerate, fused attention, torch.compile."""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .errors import SlcaError
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+_TO_ACCELERATE = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
+
+
+def resolve_precision(precision: str, on_gpu: bool, bf16_supported: Optional[bool] = None) -> str:
+    """fp32, bf16 or fp16. ``auto``: the accelerate config's mixed precision when ``accelerate launch`` set bf16
+    or fp16, else bf16 on a GPU that supports it, else fp32 (CPU bf16 is slower than fp32 without AMX). The
+    launcher's ``no`` is its default whenever nothing was configured, so it does not force fp32 (--precision
+    fp32 does)."""
+    if precision not in PRECISIONS:
+        raise SlcaError(f"--precision must be one of {', '.join(PRECISIONS)}, got '{precision}'")
+    if precision != "auto":
+        return precision
+    launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "").lower()
+    if launched in ("fp16", "bf16"):
+        return launched
+    if bf16_supported is None:
+        bf16_supported = on_gpu and torch.cuda.is_bf16_supported()
+    return "bf16" if on_gpu and bf16_supported else "fp32"
+
+
+def accelerate_mixed_precision(precision: str) -> str:
+    """accelerate's name for a resolved precision (fp32 -> ``no``)."""
+    return _TO_ACCELERATE[precision]
+
+
+def enable_fp16_on_cpu(accelerator) -> None:
+    """accelerate ignores fp16 on CPU (no autocast, no loss scaling); turn both on with torch's CPU GradScaler,
+    so ``--precision fp16`` means the same computation on every device.
+
+    Must run before ``accelerator.prepare``: prepared optimizers take the scaler then. ``accelerator.backward``
+    scales the loss, the prepared optimizer unscales, skips steps with non-finite gradients and updates the scale.
+    """
+    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu" and accelerator.scaler is None:
+        accelerator.native_amp = True
+        accelerator.scaler = torch.amp.GradScaler("cpu")
+
+
+def enable_fused_attention(module: nn.Module) -> int:
+    """Route every timm attention block through ``F.scaled_dot_product_attention`` (flash / memory-efficient
+    kernels on GPUs); returns how many blocks were switched or already on. Same math as the explicit softmax."""
+    count = 0
+    for sub in module.modules():
+        if hasattr(sub, "fused_attn"):
+            sub.fused_attn = True
+            count += 1
+    return count
+
+
+def compile_backbone(backbone: nn.Module, backend: Optional[str] = None) -> nn.Module:
+    """``torch.compile`` the backbone in place (``nn.Module.compile``): parameter names and state-dict keys stay
+    as they are, so checkpoints of compiled and eager runs are interchangeable. Compilation happens lazily at
+    the first forward. ``SLCA_COMPILE_BACKEND`` picks another backend than inductor (``eager`` to debug graph
+    breaks, or in tests, where inductor's code generation takes a minute on a small CPU)."""
+    backbone.compile(backend=backend or os.environ.get("SLCA_COMPILE_BACKEND", "inductor"))
+    return backbone

@@ -1,0 +1,149 @@
+"""Checks on what we read back from a run folder. state.json may be damaged or hand-edited: every field we use is
+checked for type and range before use, so a bad file is a one-line error (or, on --resume, a damaged task that is
+skipped), never a traceback, and nothing in it can name a file for us to open or write."""
+from __future__ import annotations
+
+import base64
+import binascii
+import dataclasses
+import re
+from pathlib import Path
+from typing import Any, Dict, Union, get_args, get_origin, get_type_hints
+
+from .errors import SlcaError
+from .presets import RunConfig
+
+SHA256 = re.compile(r"^[0-9a-f]{64}$")
+TASK_FOLDER = re.compile(r"^task-(\d+)$")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether a JSON value matches a RunConfig field annotation (unknown kinds of annotation are accepted)."""
+    origin, args = get_origin(hint), get_args(hint)
+    if hint is Any:
+        return True
+    if origin is Union:
+        return any(_fits(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return _is_int(value)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            return False
+        if len(args) == 2 and args[1] is Ellipsis:
+            return all(_fits(v, args[0]) for v in value)
+        return not args or (len(args) == len(value) and all(_fits(v, a) for v, a in zip(value, args)))
+    return True
+
+
+def config_from_state(data: Any, where: Path) -> RunConfig:
+    """A RunConfig from the ``config`` of state.json / config.json, with every field's type checked."""
+    if not isinstance(data, dict):
+        raise SlcaError(f"{where}: 'config' is not an object; the file is damaged")
+    hints = get_type_hints(RunConfig)
+    required = {f.name for f in dataclasses.fields(RunConfig)
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+    missing = sorted(required - set(data))
+    if missing:
+        raise SlcaError(f"{where}: the run's config lacks {missing[:5]}; it was written by another version of slca")
+    wrong = sorted(k for k, v in data.items() if k in hints and not _fits(v, hints[k]))
+    if wrong:
+        raise SlcaError(f"{where}: config fields {wrong[:5]} have the wrong type; the file is damaged")
+    cfg = RunConfig.from_dict(data)
+    sizes = cfg.task_sizes
+    if not sizes or any(s < 1 for s in sizes) or sum(sizes) != cfg.num_classes:
+        raise SlcaError(f"{where}: config task_sizes {list(sizes)} do not split num_classes {cfg.num_classes}; "
+                        f"the file is damaged")
+    if cfg.image_size < 1 or cfg.batch_size < 1:
+        raise SlcaError(f"{where}: config image_size / batch_size out of range; the file is damaged")
+    return cfg
+
+
+def _int_list(value: Any, length: int) -> bool:
+    return isinstance(value, list) and len(value) == length and all(_is_int(v) and v >= 0 for v in value)
+
+
+def _number_list(value: Any, length: int) -> bool:
+    return isinstance(value, list) and len(value) == length and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+
+
+def check_rng(rng: Any) -> bool:
+    """The saved Python / NumPy / torch generator states have the shapes set_rng_state expects."""
+    try:
+        version, internal, gauss = rng["python"]
+        name, keys, pos, has_gauss, cached = rng["numpy"]
+        torch_state = base64.b64decode(rng["torch"], validate=True)
+    except (KeyError, TypeError, ValueError, binascii.Error):
+        return False
+    return (_is_int(version) and _int_list(internal, 625) and (gauss is None or isinstance(gauss, float))
+            and name == "MT19937" and _int_list(keys, 624) and _is_int(pos) and _is_int(has_gauss)
+            and isinstance(cached, (int, float)) and len(torch_state) > 0)
+
+
+def check_task_state(state: Any, path: Path) -> Dict[str, Any]:
+    """Validate a task's state.json (already parsed); returns it unchanged or raises a SlcaError naming the field."""
+    def bad(field: str) -> SlcaError:
+        return SlcaError(f"{path} is damaged (field '{field}' is missing or malformed); resume from an earlier "
+                         f"task or re-run this one")
+
+    if not isinstance(state, dict) or "sha256" not in state or "task" not in state:
+        raise SlcaError(f"{path} is not an slca task state (fields task and sha256 missing)")
+    task = state["task"]
+    if not _is_int(task) or task < 0:
+        raise bad("task")
+    folder = TASK_FOLDER.match(Path(path).parent.name)
+    if folder and int(folder.group(1)) != task + 1:
+        raise SlcaError(f"{path} says it is task {task + 1}, but its folder is {Path(path).parent.name}; the run "
+                        f"folder was rearranged: restore the folder names")
+    cfg = config_from_state(state.get("config"), path)
+    if task >= cfg.num_tasks:
+        raise bad("task")
+    sha = state["sha256"]
+    if not isinstance(sha, dict) or not all(isinstance(v, str) and SHA256.match(v) for v in sha.values()):
+        raise bad("sha256")
+    order = state.get("class_order")
+    if not isinstance(order, list) or not all(_is_int(c) for c in order) or sorted(order) != list(
+            range(cfg.num_classes)):
+        raise bad("class_order")
+    counts = state.get("counts")
+    if not isinstance(counts, list) or len(counts) != task + 1:
+        raise bad("counts")
+    for t, row in enumerate(counts):
+        if not isinstance(row, dict) or not _int_list(row.get("correct"), t + 1) or not _int_list(
+                row.get("total"), t + 1) or any(c > n for c, n in zip(row["correct"], row["total"])):
+            raise bad("counts")
+    for field in ("seconds", "peak_memory_mb"):
+        if not _number_list(state.get(field), task + 1):
+            raise bad(field)
+    metrics = state.get("metrics")
+    if not isinstance(metrics, dict) or not _number_list(metrics.get("task_accuracy"), task + 1):
+        raise bad("metrics")
+    if not isinstance(state.get("data_fingerprint"), str):
+        raise bad("data_fingerprint")
+    if not check_rng(state.get("rng")):
+        raise bad("rng")
+    return state
+
+
+def stored_data_root(cfg: RunConfig, state_path: Path) -> Union[str, None]:
+    """The data root recorded at training time, used by ``slca eval`` when --data-root is not given. It is only
+    read from (images, checked against the recorded file-list checksum); it must be an absolute path."""
+    root = cfg.data_root
+    if root is None:
+        return None
+    if "\x00" in root or not Path(root).is_absolute():
+        raise SlcaError(f"{state_path} records the data root {root!r}, which is not an absolute path; pass "
+                        f"--data-root DIR")
+    return root

@@ -1,0 +1,56 @@
+"""A CLI run in a real process whose output is read while it runs (kill, signal and lock tests)."""
+import os
+import subprocess
+import sys
+import threading
+import time
+
+from conftest import REPO
+
+
+class Running:
+    """`python -m slca_cli ARGS` in a fresh process whose stderr lines are collected as they come."""
+
+    def __init__(self, args, env=None, own_group=False):
+        full_env = dict(os.environ, PYTHONPATH=str(REPO), SLCA_TRACE="1", PYTHONUNBUFFERED="1", **(env or {}))
+        self.proc = subprocess.Popen([sys.executable, "-m", "slca_cli", *map(str, args)], stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True, env=full_env, cwd=REPO,
+                                     start_new_session=own_group)
+        self.lines, self._out = [], []
+        self._readers = [threading.Thread(target=self._read, args=(pipe, sink), daemon=True)
+                         for pipe, sink in ((self.proc.stderr, self.lines), (self.proc.stdout, self._out))]
+        for reader in self._readers:
+            reader.start()
+
+    @staticmethod
+    def _read(pipe, sink):
+        for line in pipe:
+            sink.append(line.rstrip("\n"))
+
+    def wait_for(self, text, timeout=240):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if any(text in line for line in self.lines):
+                return
+            if self.proc.poll() is not None:
+                self._readers[0].join(5)
+                if any(text in line for line in self.lines):
+                    return
+                raise AssertionError(f"process ended before {text!r}:\n" + "\n".join(self.lines[-20:]))
+            time.sleep(0.02)
+        self.proc.kill()
+        raise AssertionError(f"{text!r} not reached in {timeout} s")
+
+    def finish(self, timeout=300):
+        code = self.proc.wait(timeout=timeout)
+        for reader in self._readers:
+            reader.join(10)
+        return code
+
+    @property
+    def stdout(self):
+        return "\n".join(self._out)
+
+    @property
+    def errors(self):
+        return [l for l in self.lines if not l.startswith("slca-trace:")]

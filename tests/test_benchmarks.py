@@ -1,0 +1,34 @@
+"""The benchmark scripts run (tiny sizes) and write their JSON; their numbers are never checked here."""
+import json
+import subprocess
+import sys
+
+from conftest import REPO
+
+
+def run_script(path, *args):
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / path), *map(str, args)], capture_output=True,
+                          text=True, cwd=REPO, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_statistics_benchmark_runs_as_a_file_and_writes_json(tmp_path):
+    stdout = run_script("bench_statistics.py", "--classes", 10, "--dim", 16, "--per-class", 8, "--epochs", 1,
+                        "--out", tmp_path)
+    assert "speedup" in stdout
+    result = json.loads((tmp_path / "bench_statistics-cpu.json").read_text())
+    case = result["cases"][0]
+    assert case["classes"] == 10 and case["statistics"]["relative_error_covs"] < 1e-6
+    assert case["alignment"]["seconds_authors"] > 0 and result["machine"]["gpu"] is None
+
+
+def test_train_step_benchmark_runs_on_the_tiny_vit(tmp_path):
+    args = ["--tiny", "--batch", "4", "--steps", "1", "--warmup", "1", "--modes", "fp32-eager", "bf16-sdpa",
+            "--out", str(tmp_path)]
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_train_step", *args], capture_output=True,
+                          text=True, cwd=REPO, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "bench_train_step-vit-tiny-test-cpu.json").read_text())
+    assert [r["mode"] for r in result["results"]] == ["fp32-eager", "bf16-sdpa"]
+    assert all(r["images_per_s"] > 0 for r in result["results"]) and result["gflop_per_image_counted"] > 0
