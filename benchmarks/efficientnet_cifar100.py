@@ -97,8 +97,10 @@ def run_variant(name: str, root: Path, out: Path, args) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--archive", type=Path, default=Path(os.environ.get(
-        "SLCA_CIFAR100_PNG", "/work/shared/data/cifar100-png.tar.gz")))
+    parser.add_argument("--archive", type=Path, default=next(
+        (Path(p) for p in (os.environ.get("SLCA_CIFAR100_PNG", ""), REPO.parent / "shared/data/cifar100-png.tar.gz",
+                           REPO.parent.parent / "shared/data/cifar100-png.tar.gz") if p and Path(p).is_file()),
+        REPO.parent / "shared/data/cifar100-png.tar.gz"), help="cifar100-png.tar.gz (default: ../shared/data/)")
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "slca" / "bench")
     parser.add_argument("--train-per-class", type=int, default=20)
     parser.add_argument("--test-per-class", type=int, default=10)
