@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 from typing import Dict
 
@@ -28,7 +27,7 @@ import torch  # noqa: E402
 from backbones import get_backbone
 from benchmarks.bench_statistics import make_features, make_heads
 from benchmarks.bench_train_step import MODES, measure
-from benchmarks.common import (add_threads_flag, apply_threads, device_info, pick_device, synchronize, table,
+from benchmarks.common import (add_threads_flag, apply_threads, clock_name, device_info, pick_device, table, timed,
                                write_result)
 from slca_cli.alignment import align_classifier
 from slca_cli.statistics import ClassStatistics, cholesky_factors
@@ -40,14 +39,13 @@ AUTHORS_IMAGES_PER_S, AUTHORS_HOURS = 145.0, 2.0
 def statistics_seconds(dim: int, device: torch.device) -> float:
     """One task's accumulator (5,000 features of 10 classes in batches of 128) + its Cholesky factors."""
     features, labels = make_features(CLASSES_PER_TASK, TRAIN_PER_CLASS, dim, device)
-    synchronize(device)
-    start = time.perf_counter()
-    acc = ClassStatistics(CLASSES_PER_TASK, dim, device=device)
-    for i in range(0, len(labels), 128):
-        acc.update(features[i:i + 128], labels[i:i + 128])
-    cholesky_factors(acc.finalize()[1])
-    synchronize(device)
-    return time.perf_counter() - start
+    times: Dict[str, float] = {}
+    with timed(device, times, "statistics"):
+        acc = ClassStatistics(CLASSES_PER_TASK, dim, device=device)
+        for i in range(0, len(labels), 128):
+            acc.update(features[i:i + 128], labels[i:i + 128])
+        cholesky_factors(acc.finalize()[1])
+    return times["statistics"]
 
 
 def alignment_seconds(dim: int, device: torch.device, task: int) -> float:
@@ -58,12 +56,11 @@ def alignment_seconds(dim: int, device: torch.device, task: int) -> float:
     factor = torch.randn(classes, dim, dim, generator=gen, dtype=torch.float32).to(device) / dim ** 0.5
     chol = torch.linalg.cholesky(factor @ factor.transpose(1, 2) + 0.1 * torch.eye(dim, device=device))
     heads = make_heads([CLASSES_PER_TASK] * (task + 1), dim, device)
-    synchronize(device)
-    start = time.perf_counter()
-    align_classifier(heads, means, None, [CLASSES_PER_TASK] * (task + 1), chol=chol,
-                     generator=torch.Generator(device=device).manual_seed(0))
-    synchronize(device)
-    return time.perf_counter() - start
+    times: Dict[str, float] = {}
+    with timed(device, times, "align"):
+        align_classifier(heads, means, None, [CLASSES_PER_TASK] * (task + 1), chol=chol,
+                         generator=torch.Generator(device=device).manual_seed(0))
+    return times["align"]
 
 
 def main(argv=None) -> Dict:
@@ -104,13 +101,14 @@ def main(argv=None) -> Dict:
     rows = [[name, seconds, seconds / 60, 100 * seconds / total] for name, seconds in parts.items()]
     rows.append(["total", total, total / 60, 100.0])
     machine = device_info(device)
-    print(f"Split CIFAR-100 recipe, {backbone} {mode}, batch {args.batch}, on {machine.get('gpu') or 'CPU'}: "
-          f"{rates['images_per_s']:.1f} train img/s, {rates['forward_images_per_s']:.1f} forward img/s")
+    print(f"Split CIFAR-100 recipe, {backbone} {mode}, batch {args.batch}, on {machine.get('gpu') or 'CPU'} "
+          f"({torch.get_num_threads()} thread(s), {clock_name(device)}): {rates['images_per_s']:.1f} train img/s, "
+          f"{rates['forward_images_per_s']:.1f} forward img/s")
     print(table(["part", "seconds", "minutes", "%"], rows))
     authors_seconds = train_images / AUTHORS_IMAGES_PER_S
     print(f"authors' class of method at {AUTHORS_IMAGES_PER_S:.0f} img/s: {authors_seconds / 3600:.1f} h of training "
           f"alone; projected here: {total / 3600:.2f} h")
-    payload = {"machine": machine, "backbone": backbone, "mode": mode, "batch": args.batch,
+    payload = {"machine": machine, "clock": clock_name(device), "backbone": backbone, "mode": mode, "batch": args.batch,
                "recipe": {"train_image_passes": train_images, "statistics_images": stats_images,
                           "evaluation_images": eval_images, "alignment_tasks": TASKS - 1},
                "measured": {"train_images_per_s": rates["images_per_s"],

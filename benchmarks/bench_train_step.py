@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from backbones import get_backbone
-from benchmarks.common import (PeakMemory, add_threads_flag, apply_threads, device_info, peak_flops, pick_device,
-                               synchronize, table, write_result)
+from benchmarks.common import (PeakMemory, add_threads_flag, apply_threads, clock_name, device_info, peak_flops,
+                               pick_device, synchronize, table, timed, write_result)
 from slca_cli.model import ContinualModel
 from slca_cli.speed import compile_backbone, enable_fused_attention
 
@@ -96,27 +96,25 @@ def measure(backbone: str, mode_name: str, device: torch.device, batch: int, siz
         loss = step(images, labels)
     synchronize(device)
     warmup_seconds = time.perf_counter() - start
-    with PeakMemory(device) as memory:
-        start = time.perf_counter()
+    times: Dict[str, float] = {}
+    with PeakMemory(device) as memory, timed(device, times, "train"):
         for _ in range(steps):
             loss = step(images, labels)
-        synchronize(device)
-        seconds = time.perf_counter() - start
+    seconds = times["train"]
     assert torch.isfinite(loss), f"{mode_name}: loss {loss}"
     model.eval()
     with torch.no_grad():
         with torch.autocast(device.type, dtype=mode["dtype"] or torch.float32, enabled=mode["dtype"] is not None):
             for _ in range(max(1, warmup // 2)):
                 model.features(images)
-            synchronize(device)
-            start = time.perf_counter()
-            for _ in range(steps):
-                model.features(images)
-            synchronize(device)
-            forward_seconds = time.perf_counter() - start
+            with timed(device, times, "forward"):
+                for _ in range(steps):
+                    model.features(images)
+            forward_seconds = times["forward"]
     return {"mode": mode_name, "images_per_s": batch * steps / seconds, "step_ms": 1000 * seconds / steps,
             "forward_images_per_s": batch * steps / forward_seconds, "peak_memory_mb": memory.mb,
-            "warmup_seconds": warmup_seconds, "final_loss": float(loss)}
+            "warmup_wall_seconds": warmup_seconds, "train_wall_seconds": times["train_wall"],
+            "final_loss": float(loss)}
 
 
 def main(argv=None) -> Dict:
@@ -158,15 +156,17 @@ def main(argv=None) -> Dict:
     base = next((r for r in results if r["mode"] == "fp32-eager"), None)
     for r in results:
         r["speedup_vs_fp32_eager"] = r["images_per_s"] / base["images_per_s"] if base else None
-    print(f"{backbone} at {size} px, batch {batch}, {device_info(device).get('gpu') or 'CPU'}; "
-          f"{flops_per_image / 1e9:.2f} GFLOP per image per training step (counted)")
+    print(f"{backbone} at {size} px, batch {batch}, {device_info(device).get('gpu') or 'CPU'} "
+          f"({torch.get_num_threads()} thread(s)); {flops_per_image / 1e9:.2f} GFLOP per image per training step "
+          f"(counted); rates from {clock_name(device)}")
     print(table(["mode", "img/s", "x fp32-eager", "fwd img/s", "peak MB", "TFLOP/s", "% of peak", "warmup s"],
                 [[r["mode"], r["images_per_s"], r["speedup_vs_fp32_eager"], r["forward_images_per_s"],
                   r["peak_memory_mb"], r["achieved_tflops"],
-                  None if r["fraction_of_peak"] is None else 100 * r["fraction_of_peak"], r["warmup_seconds"]]
+                  None if r["fraction_of_peak"] is None else 100 * r["fraction_of_peak"], r["warmup_wall_seconds"]]
                  for r in results]))
-    payload = {"machine": device_info(device), "backbone": backbone, "image_size": size, "batch": batch,
-               "steps": steps, "warmup_steps": warmup, "gflop_per_image_counted": flops_per_image / 1e9,
+    payload = {"machine": device_info(device), "clock": clock_name(device), "backbone": backbone,
+               "image_size": size, "batch": batch, "steps": steps, "warmup_steps": warmup,
+               "gflop_per_image_counted": flops_per_image / 1e9,
                "gflop_per_image_issue": ISSUE_GFLOP_PER_IMAGE.get(backbone),
                "targets": {"bf16_speedup_vs_fp32_eager": ">= 3 (H100)", "fraction_of_bf16_peak": ">= 0.4 (H100)"},
                "results": results}

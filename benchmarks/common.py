@@ -90,7 +90,7 @@ class PeakMemory:
     def _poll(self):
         while not self._stop.is_set():
             self._peak = max(self._peak, _rss_bytes())
-            time.sleep(0.002)
+            time.sleep(0.005)
 
     def __exit__(self, *exc):
         if self.device.type == "cuda":
@@ -112,14 +112,24 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def clock_name(device: torch.device) -> str:
+    return "process CPU seconds" if device.type == "cpu" else "wall seconds (device synchronized)"
+
+
 @contextmanager
 def timed(device: torch.device, into: Dict[str, float], key: str):
-    """Wall seconds of the block (device work included) stored as ``into[key]``."""
+    """Seconds of the block stored as ``into[key]`` (wall seconds as ``into[key + '_wall']``).
+
+    On a GPU: wall time, device synchronized. On a CPU: the process's CPU time, which on a shared machine does
+    not count the time other processes hold the cores (run single-threaded, see ``apply_threads``, it is the
+    compute the block needs)."""
     synchronize(device)
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     yield
     synchronize(device)
-    into[key] = time.perf_counter() - start
+    wall, cpu = time.perf_counter() - start, time.process_time() - start_cpu
+    into[key] = cpu if device.type == "cpu" else wall
+    into[key + "_wall"] = wall
 
 
 def table(headers: Sequence[str], rows: List[Sequence[Any]]) -> str:

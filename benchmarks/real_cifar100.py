@@ -38,10 +38,10 @@ def parse_args():
     parser.add_argument("--data-root", default=os.environ.get("SLCA_CIFAR100_PNG", str(DEFAULT_ARCHIVE)),
                         help="cifar100-png.tar.gz or its extracted folder")
     parser.add_argument("--backbone", default="efficientnet-lite0-in1k")
-    parser.add_argument("--train-per-class", type=int, default=20)
+    parser.add_argument("--train-per-class", type=int, default=10)
     parser.add_argument("--test-per-class", type=int, default=10)
     parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=1993)
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)

@@ -45,7 +45,7 @@ def fit_task(model: ContinualModel, loader: DataLoader, accelerator, *, task: in
     optimizer, schedule = recipe.make(epochs)
     train_model, optimizer = accelerator.prepare(model, optimizer)
     # An on-device loader already splits each global batch across processes; DataLoaders go through accelerate.
-    train_loader = loader if hasattr(loader, "for_process") else accelerator.prepare_data_loader(loader)
+    train_loader = loader if getattr(loader, "on_device", False) else accelerator.prepare_data_loader(loader)
     start_epoch, losses = (epoch_checkpoints.restore(accelerator, train_model, optimizer, schedule, loader,
                                                      train_loader) if epoch_checkpoints else (0, []))
     bar = tqdm(total=epochs * len(train_loader), desc=f"task {task + 1} stage 1", unit="batch", leave=False,

@@ -14,8 +14,10 @@ _TO_ACCELERATE = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 
 
 def resolve_precision(precision: str, on_gpu: bool, bf16_supported: Optional[bool] = None) -> str:
-    """fp32, bf16 or fp16. ``auto``: the accelerate config's mixed precision when ``accelerate launch`` set one,
-    else bf16 on a GPU that supports it, else fp32 (CPU bf16 is slower than fp32 without AMX)."""
+    """fp32, bf16 or fp16. ``auto``: the accelerate config's mixed precision when ``accelerate launch`` set bf16
+    or fp16, else bf16 on a GPU that supports it, else fp32 (CPU bf16 is slower than fp32 without AMX). The
+    launcher's ``no`` is its default whenever nothing was configured, so it does not force fp32 (--precision
+    fp32 does)."""
     if precision not in PRECISIONS:
         raise SlcaError(f"--precision must be one of {', '.join(PRECISIONS)}, got '{precision}'")
     if precision != "auto":
@@ -23,8 +25,6 @@ def resolve_precision(precision: str, on_gpu: bool, bf16_supported: Optional[boo
     launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "").lower()
     if launched in ("fp16", "bf16"):
         return launched
-    if launched == "no":
-        return "fp32"
     if bf16_supported is None:
         bf16_supported = on_gpu and torch.cuda.is_bf16_supported()
     return "bf16" if on_gpu and bf16_supported else "fp32"

@@ -328,3 +328,22 @@ def test_timm_unknown_model_and_offline_hub(cli, monkeypatch, tmp_path):
     code, _, err = cli("train", "--dataset", "synthetic", "--backbone", "timm:test_resnet", "--device", "cpu",
                        "--num-classes", 2, "--tasks", 1, "--out", tmp_path / "r")
     assert_one_line_error(code, err, "--weights FILE", "timm/test_resnet")
+
+
+def test_fetch_downloads_into_the_weights_folder_once(monkeypatch, tmp_path):
+    """Online, a missing checkpoint is downloaded to the weights folder under its published name (here from a
+    file:// address), then found there without the network."""
+    from backbones import cache
+    published = tmp_path / "published" / "vit-b-300ep.pth.tar"
+    published.parent.mkdir()
+    published.write_bytes(b"checkpoint bytes")
+    monkeypatch.setenv("SLCA_WEIGHTS_DIR", str(tmp_path / "weights"))
+    monkeypatch.setattr(cache, "reachable", lambda url: True)
+    path = cache.fetch(published.as_uri(), "vit-b-300ep.pth.tar", "mocov3-vit-b16")
+    assert path == tmp_path / "weights" / "vit-b-300ep.pth.tar" and path.read_bytes() == b"checkpoint bytes"
+    assert not list((tmp_path / "weights").glob("*.part"))
+    monkeypatch.setattr(cache, "reachable", lambda url: False)
+    assert cache.fetch(published.as_uri(), "vit-b-300ep.pth.tar", "mocov3-vit-b16") == path
+    monkeypatch.setattr(cache, "reachable", lambda url: True)
+    with pytest.raises(SlcaError, match=r"download failed.*put gone.pth from .* at .*weights/gone.pth"):
+        cache.fetch((tmp_path / "nowhere.pth").as_uri(), "gone.pth", "dino-vit-b16")

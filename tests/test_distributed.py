@@ -134,3 +134,15 @@ def test_accelerate_config_decides_whether_slca_train_relaunches(tmp_path, monke
         launcher_command(argv + ["--accelerate-config", str(tmp_path / "missing.yaml")])
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert launcher_command(argv) is None  # already under a launcher
+
+
+def test_loader_workers_share_the_cores_among_the_processes_of_a_node(monkeypatch):
+    from slca_cli.distributed import workers_per_process
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert workers_per_process(tensor_data=False) == 8  # capped
+    assert workers_per_process(tensor_data=True) == 0  # generated tensors need no workers
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert workers_per_process(tensor_data=False) == 3  # 16 cores / 4 processes, one left for each main loop
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0}, raising=False)
+    assert workers_per_process(tensor_data=False) == 0

@@ -126,9 +126,10 @@ def test_cli_update_bn_moves_the_statistics_and_fresh_norm_is_refused(cli, tmp_p
 
 # ---------------------------------------------------------------- real data: CIFAR-100 as an image folder
 
-CIFAR_PNG = Path(os.environ.get("SLCA_CIFAR100_PNG", REPO.parent.parent / "shared" / "data" / "cifar100-png.tar.gz"))
-if not CIFAR_PNG.is_file():
-    CIFAR_PNG = Path("/work/shared/data/cifar100-png.tar.gz")
+CIFAR_PNG = next((Path(p) for p in (os.environ.get("SLCA_CIFAR100_PNG", ""),
+                                     REPO.parent / "shared/data/cifar100-png.tar.gz",
+                                     REPO.parent.parent / "shared/data/cifar100-png.tar.gz") if p and Path(p).is_file()),
+                 Path("cifar100-png.tar.gz"))
 
 
 def extract_class_subset(archive: Path, dest: Path, per_split, every: int) -> List[str]:
@@ -166,3 +167,26 @@ def test_folder_run_on_real_cifar100_images_and_real_weights(cli, tmp_path):
     assert metrics["last_acc"] > 3 * 100 / 20, metrics["task_accuracy"]  # chance is 5%
     code, out, err = cli("eval", run / "seed-1993" / "task-10", "--device", "cpu", "--no-progress")
     assert code == 0 and "matches the stored" in out, (out, err)
+
+
+@pytest.mark.skipif(not CIFAR_PNG.is_file(), reason="needs shared/data/cifar100-png.tar.gz (or $SLCA_CIFAR100_PNG)")
+def test_benchmark_script_extracts_measures_the_baseline_and_tabulates(tmp_path):
+    """benchmarks/efficientnet_cifar100.py at a tiny size; the training run is a finished folder (--reuse)."""
+    import json
+    import subprocess
+    import sys
+    finished = tmp_path / "finished" / "seed-1993"
+    finished.mkdir(parents=True)
+    finished.joinpath("metrics.json").write_text(json.dumps(
+        {"last_acc": 40.0, "inc_acc": 50.0, "task_accuracy": [60.0, 40.0], "seconds": [1.0, 2.0],
+         "peak_memory_mb": [10.0, 20.0]}))
+    args = ["--archive", CIFAR_PNG, "--cache", tmp_path / "cache", "--train-per-class", 1, "--test-per-class", 1,
+            "--image-size", 32, "--device", "cpu", "--reuse", f"freeze-bn={tmp_path / 'finished'}",
+            "--out", tmp_path / "result.json"]
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "efficientnet_cifar100.py"), *map(str, args)],
+                          capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "frozen features, nearest mean" in proc.stdout and "slca train freeze-bn" in proc.stdout
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert 0 <= result["baseline_nearest_mean_acc"] <= 100 and result["runs"][0]["last_acc"] == 40.0
+    assert len(list((tmp_path / "cache" / "cifar100-1-1" / "train").iterdir())) == 100

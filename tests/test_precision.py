@@ -15,7 +15,7 @@ from slca_cli.speed import enable_fused_attention, resolve_precision
 
 from conftest import REPO, TINY, read_json, run_subprocess
 
-SMALL = ["--tasks", 2, "--epochs", 2, "--num-classes", 4, "--train-per-class", 8, "--test-per-class", 3,
+SMALL = ["--tasks", 2, "--epochs", 1, "--num-classes", 4, "--train-per-class", 8, "--test-per-class", 3,
          "--batch-size", 8]
 
 
@@ -75,6 +75,8 @@ def test_auto_precision_follows_the_device_and_an_accelerate_config(monkeypatch)
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")
     assert resolve_precision("auto", on_gpu=True, bf16_supported=True) == "fp16"
     assert resolve_precision("fp32", on_gpu=True) == "fp32"
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")  # what accelerate launch sets when nothing is configured
+    assert resolve_precision("auto", on_gpu=True, bf16_supported=True) == "bf16"
 
 
 def tiny_config(**changes):
