@@ -128,19 +128,14 @@ def probe_seed(seed_dir: Path, *, data_root: Optional[str] = None, device: str =
                show_progress: bool = True) -> Dict[str, Any]:
     """Probe one seed's checkpoint after its last (or ``task``-th) task; also writes probe.json next to it."""
     from .learner import default_workers
-    from .runner import load_data_for, make_accelerator
+    from .runner import checkpoint_data, class_remap, make_accelerator
     task_dir = last_task_dir(seed_dir, task)
     model, cfg, state = load_model(task_dir)
-    data = load_data_for(cfg, data_root if data_root is not None else cfg.data_root)
-    if data.fingerprint() != state.get("data_fingerprint"):
-        raise SlcaError(f"the data under {data.root or cfg.dataset} differs from the data this run was trained on "
-                        f"(file list checksum); point --data-root at the same files")
+    data = checkpoint_data(cfg, state, task_dir, data_root)
     accelerator = make_accelerator(device, cfg.precision)
     model.to(accelerator.device)
     order = state["class_order"]
-    remap = [0] * len(order)
-    for position, original in enumerate(order):
-        remap[original] = position
+    remap = class_remap(order)
     seen = sum(cfg.task_sizes[: int(state["task"]) + 1])
     classes = list(range(seen))
     workers = cfg.workers if cfg.workers is not None else default_workers(data.transform_style == "tensor")

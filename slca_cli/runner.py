@@ -187,9 +187,7 @@ def run_seed(cfg: RunConfig, seed: int, run_dir: Path, accelerator, data: Datase
     spec = get_backbone(cfg.backbone)
     method = get_method(cfg.method)
     order = class_order(data.num_classes, seed)
-    remap = [0] * data.num_classes
-    for position, original in enumerate(order):
-        remap[original] = position
+    remap = class_remap(order)
     run_dir.mkdir(parents=True, exist_ok=True)
     # Pre-trained weights are needed only for a fresh start; a resumed model comes from its checkpoint.
     fresh_start = not resume or complete_tasks(run_dir)[0] == 0
@@ -338,6 +336,25 @@ def _progress(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, unit="epoch", leave=False, disable=not enabled)
 
 
+def class_remap(order: List[int]) -> List[int]:
+    """``remap[c]``: the class-order position (the label the model uses) of dataset class ``c``."""
+    remap = [0] * len(order)
+    for position, original in enumerate(order):
+        remap[original] = position
+    return remap
+
+
+def checkpoint_data(cfg: RunConfig, state: Dict[str, Any], task_dir: Path, data_root: Optional[str]) -> DatasetSplits:
+    """The data of a finished task: --data-root, else the validated root recorded at training time; the file-list
+    checksum must equal the one the task was trained on."""
+    root = data_root if data_root is not None else stored_data_root(cfg, Path(task_dir) / "state.json")
+    data = load_data_for(cfg, root)
+    if data.fingerprint() != state.get("data_fingerprint"):
+        raise SlcaError(f"the data under {data.root or cfg.dataset} differs from the data this checkpoint was "
+                        f"trained on (file list checksum); point --data-root at the same files")
+    return data
+
+
 def evaluate_checkpoint(task_dir: Path, data_root: Optional[str], device: str = "auto",
                         batch_size: Optional[int] = None, show_progress: bool = True) -> Dict[str, Any]:
     """Rebuild the model of a ``task-NN/`` folder from the folder alone and score it on every seen class."""
@@ -354,16 +371,10 @@ def evaluate_checkpoint(task_dir: Path, data_root: Optional[str], device: str = 
     for t in range(task + 1):
         model.add_head(cfg.task_sizes[t])
     model.load_state_dict({k: v for k, v in tensors.items() if not k.startswith("stage1_heads.")})
-    data = load_data_for(cfg, data_root if data_root is not None else stored_data_root(cfg, task_dir / "state.json"))
-    if data.fingerprint() != state.get("data_fingerprint"):
-        raise SlcaError(f"the data under {data.root or cfg.dataset} differs from the data this checkpoint was "
-                        f"trained on (file list checksum); point --data-root at the same files")
+    data = checkpoint_data(cfg, state, task_dir, data_root)
     accelerator = make_accelerator(device, cfg.precision)
     model.to(accelerator.device)
-    order = state["class_order"]
-    remap = [0] * len(order)
-    for position, original in enumerate(order):
-        remap[original] = position
+    remap = class_remap(state["class_order"])
     seen_sizes = list(cfg.task_sizes[: task + 1])
     workers = cfg.workers if cfg.workers is not None else default_workers(data.transform_style == "tensor")
     # The pipeline the run used (host or device transforms), so the stored accuracy is reproduced.
