@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import timm
 import torch
+from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -38,9 +39,11 @@ def timm_spec(model_name: str) -> BackboneSpec:
     has_bn = any(isinstance(m, _BatchNorm) for m in model.modules())
     has_final_ln = isinstance(getattr(model, "norm", None), nn.LayerNorm)
     size = int(cfg.get("input_size", (3, 224, 224))[-1])
+    # ViTs resample their position embeddings for another --image-size (identical at the native size).
+    extra = {"dynamic_img_size": True} if isinstance(model, VisionTransformer) else {}
     return BackboneSpec(
         name=TIMM_PREFIX + model_name,
-        build=lambda weights=None, pretrained=True: create_timm(model_name, weights, pretrained),
+        build=lambda weights=None, pretrained=True: create_timm(model_name, weights, pretrained, **extra),
         description=f"timm {model_name}, {model.num_features}-d{', BatchNorm' if has_bn else ''}",
         family="timm", image_size=size, mean=tuple(cfg.get("mean", (0.485, 0.456, 0.406))),
         std=tuple(cfg.get("std", (0.229, 0.224, 0.225))),

@@ -315,9 +315,12 @@ def test_timm_model_by_name_with_local_weights(tmp_path, cli):
     assert code == 0 and "matches the stored" in out, (out, err)
 
 
-def test_timm_vit_by_name_gets_the_fresh_norm_default():
+def test_timm_vit_by_name_gets_the_fresh_norm_default_and_any_image_size():
     spec = backbones.get_backbone("timm:test_vit")
-    assert spec.defaults["fresh_norm"] is True and spec.family == "timm"
+    assert spec.defaults["fresh_norm"] is True and spec.family == "timm" and spec.image_size == 160
+    model = spec.build(None, False).eval()
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 32, 32)).shape == model(torch.randn(1, 3, 160, 160)).shape == (1, 64)
 
 
 def test_timm_unknown_model_and_offline_hub(cli, monkeypatch, tmp_path):
