@@ -351,4 +351,24 @@ def main() -> None:
         typer.echo(f"slca: running under accelerate launch --config_file {command[4]}", err=True)
         sys.stdout.flush()
         os.execv(command[0], command)
-    app()
+    succeeded = False
+    try:
+        app()
+        succeeded = True
+    except SystemExit as exc:
+        succeeded = exc.code in (None, 0)
+        raise
+    finally:
+        end_process_group(wait=succeeded)
+
+
+def end_process_group(wait: bool) -> None:
+    """Under several processes, leave together (after a success) and tear the process group down before the
+    interpreter exits; otherwise a rank that finishes first can abort its peers' gloo/NCCL threads (exit -6 after
+    correct output). After a failure there is no barrier: the peers may never reach it."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        if wait:
+            dist.barrier()
+        dist.destroy_process_group()
