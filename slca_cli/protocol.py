@@ -19,6 +19,8 @@ def resolve_task_sizes(num_classes: int, tasks: Optional[int] = None,
                        init_classes: Optional[int] = None,
                        increment: Optional[int] = None) -> List[int]:
     """Sizes of the tasks: ``init`` first, then ``increment`` while classes remain, the last takes the rest.
+    With ``tasks`` alone the increment is ceil(classes / tasks) (Cars-196 in 10 tasks: 20 x 9 + 16), or the most
+    even split where that would give fewer tasks.
 
     Any of ``tasks``, ``init_classes`` and ``increment`` may be left out and is derived from the others.
     """
@@ -34,6 +36,7 @@ def resolve_task_sizes(num_classes: int, tasks: Optional[int] = None,
             raise SlcaError(f"{flag} must be at least 1, got {value}")
     if init_classes is not None and init_classes > num_classes:
         raise SlcaError(f"--init-classes {init_classes} is more than the {num_classes} classes of the dataset")
+    given_split = init_classes is not None or increment is not None
     if tasks == 1:
         init_classes, increment = num_classes, increment or num_classes
     if init_classes is None and increment is None:
@@ -48,6 +51,11 @@ def resolve_task_sizes(num_classes: int, tasks: Optional[int] = None,
     sizes = [min(init_classes, num_classes)]
     while sum(sizes) < num_classes:
         sizes.append(min(increment, num_classes - sum(sizes)))
+    if tasks is not None and len(sizes) < tasks and not given_split:
+        # ceil(n / tasks) per task runs out of classes early (4 classes in 3 tasks: [2, 2]); split as evenly as
+        # possible instead, earlier tasks one larger ([2, 1, 1]).
+        base, extra = divmod(num_classes, tasks)
+        sizes = [base + 1] * extra + [base] * (tasks - extra)
     if tasks is not None and len(sizes) != tasks:
         raise SlcaError(f"{num_classes} classes with --init-classes {init_classes} and --increment {increment} "
                         f"give {len(sizes)} tasks, not --tasks {tasks}; change one of the three flags")

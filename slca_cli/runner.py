@@ -26,6 +26,7 @@ from .data import DatasetSplits, attach_transforms, load_dataset
 from .data.loaders import PassLoaders, resolve_device_augment
 from .distributed import check_batch_split, sum_across_processes
 from .errors import SlcaError
+from .events import ScalarWriter
 from .learner import default_workers, evaluate, feature_batches, fit_task
 from .methods import get_method
 from .metrics import summarize
@@ -140,6 +141,7 @@ class ResumePoint:
     means: List[torch.Tensor]
     covs: List[torch.Tensor]
     chols: List[torch.Tensor]
+    train_loss: List[List[float]] = None  # per finished task, the mean training loss of each epoch
 
 
 def check_same_experiment(stored: Dict[str, Any], cfg: RunConfig, run_dir: Path) -> None:
@@ -177,7 +179,8 @@ def find_resume_point(run_dir: Path, cfg: RunConfig, model: ContinualModel, log:
         chols.append(stats["chol"] if "chol" in stats else cholesky_factors(stats["covs"]))
     set_rng_state(state["rng"])
     log(f"resuming {run_dir} after {last.name} ({done}/{cfg.num_tasks} tasks done)")
-    return ResumePoint(done, state["counts"], state["seconds"], state["peak_memory_mb"], means, covs, chols)
+    return ResumePoint(done, state["counts"], state["seconds"], state["peak_memory_mb"], means, covs, chols,
+                       state.get("train_loss", [[] for _ in range(done)]))
 
 
 def run_seed(cfg: RunConfig, seed: int, run_dir: Path, accelerator, data: DatasetSplits, *, resume: bool,
@@ -225,7 +228,9 @@ def run_seed(cfg: RunConfig, seed: int, run_dir: Path, accelerator, data: Datase
     loaders = PassLoaders(data, remap, batch_size=cfg.batch_size, image_size=cfg.image_size, mean=cfg.mean,
                           std=cfg.std, device=device, workers=workers, on_device=cfg.device_augment,
                           rank=accelerator.process_index, world=accelerator.num_processes)
+    events = ScalarWriter(run_dir, enabled=accelerator.is_main_process)
     counts, seconds, memory = point.counts, point.seconds, point.memory
+    train_loss = list(point.train_loss or [])
     means, covs, chols = point.means, point.covs, point.chols
     record: Dict[str, Any] = {}
     for task in range(point.start_task, cfg.num_tasks):
@@ -239,7 +244,7 @@ def run_seed(cfg: RunConfig, seed: int, run_dir: Path, accelerator, data: Datase
         seen_sizes = list(cfg.task_sizes[: task + 1])
         model.add_head(cfg.task_sizes[task])
         method.start_task(model, task, cfg)
-        fit_task(model, loaders.train(new_classes, task_seed(seed, task)), accelerator, task=task,
+        losses = fit_task(model, loaders.train(new_classes, task_seed(seed, task)), accelerator, task=task,
                  label_offset=offset, epochs=cfg.epochs, lr_backbone=cfg.lr_backbone, lr_head=cfg.lr_head,
                  momentum=cfg.momentum, weight_decay=cfg.weight_decay, lr_drop_epoch=cfg.lr_drop_epoch,
                  freeze_bn=cfg.freeze_bn, show_progress=show_progress,
@@ -260,6 +265,7 @@ def run_seed(cfg: RunConfig, seed: int, run_dir: Path, accelerator, data: Datase
         chols.append(task_chol.cpu())
 
         stage1_heads = model.head_state()
+        align_losses: List[float] = []
         if cfg.align and task > 0 and cfg.ca_epochs > 0:
             generator = torch.Generator(device=device).manual_seed(task_seed(seed, task))
             bar = _progress(cfg.ca_epochs, f"task {task + 1} alignment", show_progress and accelerator.is_main_process)
@@ -268,7 +274,7 @@ def run_seed(cfg: RunConfig, seed: int, run_dir: Path, accelerator, data: Datase
                              lr=cfg.ca_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, tau=cfg.tau,
                              logit_norm=cfg.logit_norm, mean_scaling=cfg.mean_scaling, generator=generator,
                              progress=lambda epoch, loss: mark("align", task=task + 1, epoch=epoch + 1) or
-                             bar.update(1) or bar.set_postfix(loss=f"{loss:.3f}"),
+                             align_losses.append(loss) or bar.update(1) or bar.set_postfix(loss=f"{loss:.3f}"),
                              sample_transform=method.sample_transform(seen_sizes, cfg))
             bar.close()
             model.task_heads.requires_grad_(False)
@@ -280,7 +286,8 @@ def run_seed(cfg: RunConfig, seed: int, run_dir: Path, accelerator, data: Datase
         counts.append({"correct": correct, "total": total})
         seconds.append(time.perf_counter() - started)
         memory.append(peak_memory_mb(device))
-        record = metrics_record(cfg, seed, counts, seconds, memory)
+        train_loss.append([round(x, 6) for x in losses])
+        record = metrics_record(cfg, seed, counts, seconds, memory, train_loss)
         if accelerator.is_main_process:
             model_tensors = {k: v for k, v in model.state_dict().items()}
             model_tensors.update({f"stage1_heads.{k}": v for k, v in stage1_heads.items()})
@@ -290,12 +297,13 @@ def run_seed(cfg: RunConfig, seed: int, run_dir: Path, accelerator, data: Datase
                      "class_order": order, "task_sizes": list(cfg.task_sizes), "counts": counts,
                      "metrics": {k: record[k] for k in ("accuracy_matrix", "task_accuracy", "last_acc", "inc_acc",
                                                        "forgetting")},
-                     "seconds": seconds, "peak_memory_mb": memory, "rng": rng_state(),
+                     "seconds": seconds, "peak_memory_mb": memory, "train_loss": train_loss, "rng": rng_state(),
                      "data_fingerprint": header["data_fingerprint"]}
             with uninterruptible():  # a stop signal waits until the task folder and metrics are written
                 save_task(run_dir, task, model_tensors, stats_tensors, state)
                 mark("metrics", task=task + 1)
                 write_metrics(run_dir, record)
+                log_task_scalars(events, cfg, task, record, losses, align_losses)
                 epoch_checkpoints.discard()
         accelerator.wait_for_everyone()
         if cfg.restore_stage1_heads:
@@ -306,18 +314,32 @@ def run_seed(cfg: RunConfig, seed: int, run_dir: Path, accelerator, data: Datase
         log(f"seed {seed} task {task + 1}/{cfg.num_tasks}: {sum(seen_sizes)} classes, "
             f"accuracy {record['task_accuracy'][task]:.2f}% ({split}), {seconds[-1]:.1f} s")
     if not record:  # every task was already done: metrics.json may be a task behind if a kill hit in between
-        record = metrics_record(cfg, seed, counts, seconds, memory)
+        record = metrics_record(cfg, seed, counts, seconds, memory, train_loss)
         if accelerator.is_main_process:
             write_metrics(run_dir, record)
     return record
 
 
+def log_task_scalars(events: ScalarWriter, cfg: RunConfig, task: int, record: Dict[str, Any],
+                     losses: List[float], align_losses: List[float]) -> None:
+    """TensorBoard scalars of a finished task: losses by global epoch, accuracies, time and memory by task."""
+    events.add_series("loss/train", ((task * cfg.epochs + e + 1, v) for e, v in enumerate(losses)))
+    events.add_series("loss/alignment", ((task * cfg.ca_epochs + e + 1, v) for e, v in enumerate(align_losses)))
+    scalars = {"accuracy/seen_classes": record["task_accuracy"][task], "accuracy/new": record["new_accuracy"][task],
+               "task/seconds": record["seconds"][task], "task/peak_memory_mb": record["peak_memory_mb"][task]}
+    if record["old_accuracy"][task] is not None:
+        scalars["accuracy/old"] = record["old_accuracy"][task]
+    events.add(task + 1, scalars)
+
+
 def metrics_record(cfg: RunConfig, seed: int, counts: List[Dict[str, List[int]]], seconds: List[float],
-                   memory: List[float]) -> Dict[str, Any]:
-    """metrics.json's content after ``len(counts)`` finished tasks."""
+                   memory: List[float], train_loss: Optional[List[List[float]]] = None) -> Dict[str, Any]:
+    """metrics.json's content after ``len(counts)`` finished tasks (``train_loss``: each task's mean training
+    loss per epoch, the first thing to look at when a method learns nothing)."""
     return {"dataset": cfg.dataset, "backbone": cfg.backbone, "method": cfg.method, "seed": seed,
             "task_sizes": list(cfg.task_sizes), "tasks_done": len(counts),
-            **summarize(counts, cfg.num_tasks), "seconds": seconds, "peak_memory_mb": memory, "counts": counts}
+            **summarize(counts, cfg.num_tasks), "seconds": seconds, "peak_memory_mb": memory,
+            "train_loss": train_loss or [], "counts": counts}
 
 
 def check_same_data(last_task: Path, header: Dict[str, Any]) -> None:

@@ -24,6 +24,10 @@ def test_class_order_is_deterministic_and_seed_dependent():
     (100, 6, 50, None, [50, 10, 10, 10, 10, 10]),
     (10, 1, None, None, [10]),
     (9, None, 5, 3, [5, 3, 1]),
+    (4, 3, None, None, [2, 1, 1]),
+    (10, 4, None, None, [3, 3, 3, 1]),
+    (10, 6, None, None, [2, 2, 2, 2, 1, 1]),
+    (5, 5, None, None, [1] * 5),
 ])
 def test_task_sizes(n, tasks, init, inc, expected):
     assert resolve_task_sizes(n, tasks, init, inc) == expected
