@@ -190,3 +190,31 @@ def test_benchmark_script_extracts_measures_the_baseline_and_tabulates(tmp_path)
     result = json.loads((tmp_path / "result.json").read_text())
     assert 0 <= result["baseline_nearest_mean_acc"] <= 100 and result["runs"][0]["last_acc"] == 40.0
     assert len(list((tmp_path / "cache" / "cifar100-1-1" / "train").iterdir())) == 100
+
+
+@pytest.mark.skipif(not CIFAR_PNG.is_file(), reason="needs shared/data/cifar100-png.tar.gz (or $SLCA_CIFAR100_PNG)")
+def test_real_cifar100_benchmark_writes_the_report_and_the_shape_check(tmp_path):
+    """benchmarks/real_cifar100.py at a tiny size: every method's run, the report with figures, benchmark.json."""
+    import json
+    import subprocess
+    import sys
+    results = tmp_path / "results"
+    args = ["--data-root", CIFAR_PNG, "--train-per-class", 1, "--test-per-class", 1, "--epochs", 1,
+            "--image-size", 32, "--methods", "sl", "joint", "--runs", tmp_path / "runs",
+            "--results", results]
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "real_cifar100.py"), *map(str, args)],
+                          capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads((results / "benchmark.json").read_text())
+    assert set(record["last_acc"]) == {"sl", "joint"}
+    assert set(record["shape_check"]) == {"joint on top"}
+    assert record["shape_check"]["joint on top"] == (record["last_acc"]["joint"] >= record["last_acc"]["sl"])
+    for method in ("sl", "joint"):
+        metrics = json.loads((tmp_path / "runs" / method / "seed-1993" / "metrics.json").read_text())
+        assert record["last_acc"][method] == metrics["last_acc"]
+        assert record["first_task_train_loss"][method] == metrics["train_loss"][0]
+    assert record["probe_sl"]["probe_accuracy"] >= 0
+    table = (results / "results.md").read_text()
+    assert "| SL |" in table and "| Joint |" in table
+    figure = results / "figures" / "accuracy-cifar100-efficientnet-lite0-in1k.png"
+    assert figure.is_file() and figure.stat().st_size > 5000
