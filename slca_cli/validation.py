@@ -127,6 +127,10 @@ def check_task_state(state: Any, path: Path) -> Dict[str, Any]:
     for field in ("seconds", "peak_memory_mb"):
         if not _number_list(state.get(field), task + 1):
             raise bad(field)
+    losses = state.get("train_loss", [[]] * (task + 1))  # absent in runs written before it was recorded
+    if not isinstance(losses, list) or len(losses) != task + 1 or not all(
+            _number_list(row, len(row)) if isinstance(row, list) else False for row in losses):
+        raise bad("train_loss")
     metrics = state.get("metrics")
     if not isinstance(metrics, dict) or not _number_list(metrics.get("task_accuracy"), task + 1):
         raise bad("metrics")

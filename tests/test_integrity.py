@@ -84,7 +84,7 @@ def test_a_damaged_first_task_means_starting_again(finished_run, cli, tmp_path):
 
 
 @pytest.mark.parametrize("edit", ["not json", "task", "class_order", "config type", "config sizes", "counts",
-                                  "rng", "sha256", "missing field"])
+                                  "rng", "sha256", "train_loss", "missing field"])
 def test_a_damaged_or_edited_state_json_is_caught(finished_run, cli, tmp_path, edit):
     _, copy = copy_run(finished_run, tmp_path)
     folder = copy / "task-03"
@@ -104,6 +104,8 @@ def test_a_damaged_or_edited_state_json_is_caught(finished_run, cli, tmp_path, e
         rewrite_state(folder, rng={"python": "x"})
     elif edit == "sha256":
         rewrite_state(folder, sha256={"model.safetensors": "../model.safetensors"})
+    elif edit == "train_loss":
+        rewrite_state(folder, train_loss=[[1.0], ["nan; rm -rf /"], [0.5]])
     else:
         rewrite_state(folder, config=lambda s: s["config"].pop("task_sizes"))
     code, _, err = cli("eval", folder, "--device", "cpu", "--no-progress")
