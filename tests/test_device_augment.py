@@ -115,7 +115,8 @@ def test_cli_run_with_on_device_transforms_on_cpu(tmp_path, cli):
     root = cifar_tree(tmp_path / "cifar")
     out = tmp_path / "run"
     flags = ["--dataset", "cifar100", "--data-root", root, "--backbone", "vit-tiny-test", "--device", "cpu",
-             "--no-progress", "--tasks", 2, "--epochs", 1, "--batch-size", 16, "--ca-epochs", 1, "--ca-samples", 4]
+             "--no-progress", "--tasks", 2, "--epochs", 1, "--batch-size", 64, "--ca-epochs", 1, "--ca-samples", 4,
+             "--workers", 0]
     code, _, stderr = cli("train", *flags, "--augment-on-device", "--out", out)
     assert code == 0, stderr
     run = out / "seed-1993"
