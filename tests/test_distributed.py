@@ -60,8 +60,9 @@ def test_two_processes_give_the_statistics_and_test_counts_of_one(runs):
 
 def test_only_the_main_process_writes_the_run_folder(runs):
     _, two, _ = runs
-    assert sorted(p.name for p in two.iterdir()) == ["config.json", "metrics.csv", "metrics.json", "task-01",
-                                                     "task-02"]
+    assert sorted(p.name for p in two.iterdir()) == ["config.json", "events", "metrics.csv", "metrics.json",
+                                                     "task-01", "task-02"]
+    assert len(list((two / "events").iterdir())) == 1  # one TensorBoard file, not one per process
     for task in ("task-01", "task-02"):
         assert sorted(p.name for p in (two / task).iterdir()) == ["model.safetensors", "state.json",
                                                                   "stats.safetensors"]
