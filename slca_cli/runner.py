@@ -139,7 +139,6 @@ class ResumePoint:
     seconds: List[float]
     memory: List[float]
     means: List[torch.Tensor]
-    covs: List[torch.Tensor]
     chols: List[torch.Tensor]
     train_loss: List[List[float]] = None  # per finished task, the mean training loss of each epoch
 
@@ -157,7 +156,7 @@ def find_resume_point(run_dir: Path, cfg: RunConfig, model: ContinualModel, log:
     done, warnings = complete_tasks(run_dir)
     for warning in warnings:
         log(f"warning: {warning}")
-    empty = ResumePoint(0, [], [], [], [], [], [])
+    empty = ResumePoint(0, [], [], [], [], [])
     if done == 0:
         return empty
     last = run_dir / task_dir_name(done - 1)
@@ -170,16 +169,15 @@ def find_resume_point(run_dir: Path, cfg: RunConfig, model: ContinualModel, log:
     weights = {k: v for k, v in tensors.items() if k.startswith("backbone.")}
     weights.update({"task_heads." + k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
     model.load_state_dict(weights)
-    means, covs, chols = [], [], []
+    means, chols = [], []
     for t in range(done):
         folder = run_dir / task_dir_name(t)
         stats = load_tensors(folder, STATS_FILE, read_state(folder))
         means.append(stats["means"])
-        covs.append(stats["covs"])
-        chols.append(stats["chol"] if "chol" in stats else cholesky_factors(stats["covs"]))
+        chols.append(stats["chol"] if "chol" in stats else cholesky_factors(stats["covs"]))  # older runs: covs
     set_rng_state(state["rng"])
     log(f"resuming {run_dir} after {last.name} ({done}/{cfg.num_tasks} tasks done)")
-    return ResumePoint(done, state["counts"], state["seconds"], state["peak_memory_mb"], means, covs, chols,
+    return ResumePoint(done, state["counts"], state["seconds"], state["peak_memory_mb"], means, chols,
                        state.get("train_loss", [[] for _ in range(done)]))
 
 
@@ -202,7 +200,7 @@ def run_seed(cfg: RunConfig, seed: int, run_dir: Path, accelerator, data: Datase
             raise SlcaError(f"{run_dir} already holds finished tasks; pass --resume to continue it or choose "
                             f"another --out")
         refuse_leftover(run_dir)
-        point = ResumePoint(0, [], [], [], [], [], [])
+        point = ResumePoint(0, [], [], [], [], [])
     device = accelerator.device
     model.to(device)
     check_batch_split(cfg.batch_size, accelerator.num_processes)
@@ -231,7 +229,7 @@ def run_seed(cfg: RunConfig, seed: int, run_dir: Path, accelerator, data: Datase
     events = ScalarWriter(run_dir, enabled=accelerator.is_main_process)
     counts, seconds, memory = point.counts, point.seconds, point.memory
     train_loss = list(point.train_loss or [])
-    means, covs, chols = point.means, point.covs, point.chols
+    means, chols = point.means, point.chols
     record: Dict[str, Any] = {}
     for task in range(point.start_task, cfg.num_tasks):
         started = time.perf_counter()
@@ -261,7 +259,6 @@ def run_seed(cfg: RunConfig, seed: int, run_dir: Path, accelerator, data: Datase
         task_means, task_covs = accumulator.finalize(cfg.cov_ridge)
         task_chol = cholesky_factors(task_covs)  # once per class; the sampler reuses it in every later task
         means.append(task_means.cpu())
-        covs.append(task_covs.cpu())
         chols.append(task_chol.cpu())
 
         stage1_heads = model.head_state()
@@ -291,7 +288,8 @@ def run_seed(cfg: RunConfig, seed: int, run_dir: Path, accelerator, data: Datase
         if accelerator.is_main_process:
             model_tensors = {k: v for k, v in model.state_dict().items()}
             model_tensors.update({f"stage1_heads.{k}": v for k, v in stage1_heads.items()})
-            stats_tensors = {"means": task_means, "covs": task_covs, "chol": task_chol,
+            # The covariance is chol @ chol.T; storing only the factor halves the file (D x D per class).
+            stats_tensors = {"means": task_means, "chol": task_chol,
                              "classes": torch.tensor(new_classes, dtype=torch.long)}
             state = {"format": "slca-task", "version": 1, "task": task, "seed": seed, "config": cfg.to_dict(),
                      "class_order": order, "task_sizes": list(cfg.task_sizes), "counts": counts,

@@ -327,3 +327,24 @@ def test_host_memory_running_out_while_forking_workers_names_the_flags(tmp_path,
                        "--test-per-class", 2, "--batch-size", 4, "--out", tmp_path)
     assert_one_line_error(code, err, "out of host memory during seed 1993, task 2", "--batch-size",
                           "fewer --workers also help")
+
+
+def test_resume_reads_stats_files_that_hold_covariances_instead_of_factors(finished_run, cli, tmp_path):
+    """Runs written before stats.safetensors kept only the Cholesky factor stored the covariance: resuming one
+    factorizes it again and trains the next task to the same result."""
+    from safetensors.torch import load_file, save_file
+    from slca_cli.checkpoint import sha256_file
+    original, copy = copy_run(finished_run, tmp_path)
+    shutil.rmtree(copy / "task-03")
+    for folder in (copy / "task-01", copy / "task-02"):
+        stats = load_file(str(folder / "stats.safetensors"))
+        assert set(stats) == {"means", "chol", "classes"}
+        chol = stats.pop("chol")
+        stats["covs"] = chol @ chol.transpose(1, 2)
+        save_file(stats, str(folder / "stats.safetensors"), metadata={"format": "slca-stats"})
+        rewrite_state(folder, sha256=lambda s: s["sha256"].update(
+            {"stats.safetensors": sha256_file(folder / "stats.safetensors")}))
+    code, _, err = cli("train", *FINISHED, "--out", tmp_path, "--resume")
+    assert code == 0, err
+    got, want = read_json(copy / "metrics.json"), read_json(original / "metrics.json")
+    assert got["counts"] == want["counts"] and got["last_acc"] == want["last_acc"]

@@ -31,7 +31,7 @@ def test_mixed_precision_runs_on_cpu_without_nans(tmp_path, precision):
     assert read_json(run / "config.json")["config"]["precision"] == precision
     for task in ("task-01", "task-02"):
         stats = load_file(str(run / task / "stats.safetensors"))
-        assert stats["means"].dtype == stats["covs"].dtype == stats["chol"].dtype == torch.float64
+        assert stats["means"].dtype == stats["chol"].dtype == torch.float64
         assert all(torch.isfinite(t).all() for t in stats.values())
         model = load_file(str(run / task / "model.safetensors"))
         assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in model.values())

@@ -3,6 +3,7 @@ import csv
 import hashlib
 import shutil
 
+import torch
 from safetensors.torch import load_file
 
 from conftest import TINY, read_json, run_subprocess
@@ -47,7 +48,8 @@ def test_train_writes_every_output(finished_run):
         assert sum(1 for k in model if k.startswith("task_heads.") and k.endswith(".weight")) == t
         assert sum(1 for k in model if k.startswith("stage1_heads.") and k.endswith(".weight")) == t
         stats = load_file(str(folder / "stats.safetensors"))
-        assert stats["means"].shape == (3, 64) and stats["covs"].shape == (3, 64, 64)
+        assert stats["means"].shape == (3, 64) and stats["chol"].shape == (3, 64, 64)
+        assert torch.equal(stats["chol"], stats["chol"].tril())  # the covariance's lower Cholesky factor
         assert stats["classes"].tolist() == list(range(3 * (t - 1), 3 * t))
     assert not list(run.glob(".*")), "no temporary files left behind"
 
