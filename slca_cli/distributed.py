@@ -65,12 +65,15 @@ def check_batch_split(batch_size: int, num_processes: int) -> None:
 
 def workers_per_process(tensor_data: bool, local_processes: Optional[int] = None) -> int:
     """Loader workers for one process: none for generated tensors, else the machine's cores shared among the
-    processes of this node, one core left for each process's main loop, at most 8."""
+    processes of this node, one core left for each process's main loop, at most 8; none where that leaves fewer
+    than 2 (one worker beside the main loop on 2 cores doubled the wall time of `slca demo`: the forked worker
+    competes for the cores and every page the trainer writes meanwhile is copied)."""
     if tensor_data:
         return 0
     local = local_processes or int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(0, min(8, cores // max(local, 1) - 1))
+    workers = min(8, cores // max(local, 1) - 1)
+    return workers if workers >= 2 else 0
 
 
 LAUNCHED_ENV = ("LOCAL_RANK", "RANK", "WORLD_SIZE", "ACCELERATE_MIXED_PRECISION", "ACCELERATE_USE_CPU")

@@ -76,3 +76,37 @@ def test_folder_dataset_end_to_end_with_eval(tmp_path, cli):
     code, stdout, err = cli("eval", out / "seed-1993" / "task-02", "--device", "cpu", "--no-progress",
                             "--data-root", moved)
     assert code == 0 and "matches the stored" in stdout, err
+
+
+def test_augmentation_is_the_same_with_any_number_of_loader_workers():
+    """Every item's random transform is seeded from the loader's generator with the shuffle: the batches (order
+    and augmented pixels) are equal with 0, 1 or 2 workers, differ between epochs, and leave the caller's RNG."""
+    import torch
+    from torch.utils.data import Dataset
+    from slca_cli.data.loaders import host_loader
+
+    class Noisy(Dataset):  # a "transform" that draws from the global torch RNG, as torchvision's do
+        def __len__(self):
+            return 10
+
+        def __getitem__(self, index):
+            return torch.rand(3) + index, torch.tensor(index)
+
+    def epochs(workers):
+        loader = host_loader(Noisy(), 4, True, seed=7, workers=workers)
+        return [[(x.clone(), y.clone()) for x, y in loader] for _ in range(2)]
+
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    reference = epochs(0)
+    assert torch.equal(torch.get_rng_state(), before)  # the main process's RNG is untouched
+    for workers in (1, 2):
+        other = epochs(workers)
+        for epoch_a, epoch_b in zip(reference, other):
+            for (xa, ya), (xb, yb) in zip(epoch_a, epoch_b):
+                assert torch.equal(ya, yb) and torch.equal(xa, xb)
+    first, second = (torch.cat([y for _, y in e]) for e in reference)
+    assert sorted(first.tolist()) == list(range(10)) and not torch.equal(first, second)
+    x_first = torch.cat([x for x, _ in reference[0]])[first.argsort()]
+    x_second = torch.cat([x for x, _ in reference[1]])[second.argsort()]
+    assert not torch.allclose(x_first, x_second)  # new augmentation draws each epoch

@@ -147,3 +147,8 @@ def test_loader_workers_share_the_cores_among_the_processes_of_a_node(monkeypatc
     assert workers_per_process(tensor_data=False) == 3  # 16 cores / 4 processes, one left for each main loop
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0}, raising=False)
     assert workers_per_process(tensor_data=False) == 0
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert workers_per_process(tensor_data=False) == 0  # one worker beside the main loop on 2 cores is slower
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
+    assert workers_per_process(tensor_data=False) == 2

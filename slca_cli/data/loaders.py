@@ -6,7 +6,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..errors import SlcaError
 from ..signals import worker_init
@@ -16,15 +16,51 @@ from .device_transforms import cifar_train_batch, eval_batch
 DEVICE_AUGMENT_STYLES = ("cifar",)
 
 
+class SeededShuffle(Sampler):
+    """Each epoch: a permutation of the items and one seed per item, both drawn from ``generator`` (the loader's,
+    so --checkpoint-every saves and restores it). Yields (index, seed) keys for ``PerItemRandomness``."""
+
+    def __init__(self, num_items: int, generator: torch.Generator):
+        self.num_items, self.generator = num_items, generator
+
+    def __len__(self) -> int:
+        return self.num_items
+
+    def __iter__(self):
+        order = torch.randperm(self.num_items, generator=self.generator).tolist()
+        seeds = torch.randint(0, 2**62, (self.num_items,), generator=self.generator).tolist()
+        return iter(zip(order, seeds))
+
+
+class PerItemRandomness(Dataset):
+    """Runs the wrapped item's random transforms from the seed that comes with its index, whichever process
+    (loader worker or the main one) reads it: augmentation then does not depend on --workers or the number of
+    cores, and the main process's own RNG is left as it was."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        index, seed = key
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.dataset[index]
+
+
 def host_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int, workers: int,
                 pin_memory: bool = False) -> DataLoader:
-    """A DataLoader whose shuffle and worker seeds come from ``seed`` only. Workers are started afresh every epoch
-    (not persistent): each epoch then draws its worker seeds from the generator, so a run resumed at an epoch
-    boundary (--checkpoint-every) augments exactly as a straight run does."""
+    """A DataLoader whose order and augmentation come from ``seed`` only: a shuffled loader draws every item's
+    transform seed with the permutation (SeededShuffle), so the images are the same with any number of workers.
+    Workers are started afresh every epoch (not persistent), so a run resumed at an epoch boundary
+    (--checkpoint-every) continues exactly as a straight run does."""
     generator = torch.Generator().manual_seed(seed)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, num_workers=workers,
-                      pin_memory=pin_memory, drop_last=False, persistent_workers=False,
-                      worker_init_fn=worker_init if workers > 0 else None)
+    sampler = SeededShuffle(len(dataset), generator) if shuffle else None
+    return DataLoader(PerItemRandomness(dataset) if shuffle else dataset, batch_size=batch_size, sampler=sampler,
+                      generator=generator, num_workers=workers, pin_memory=pin_memory, drop_last=False,
+                      persistent_workers=False, worker_init_fn=worker_init if workers > 0 else None)
 
 
 def resolve_device_augment(flag: Optional[bool], data: DatasetSplits, device: torch.device) -> bool:
