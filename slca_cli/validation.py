@@ -129,7 +129,7 @@ def check_task_state(state: Any, path: Path) -> Dict[str, Any]:
             raise bad(field)
     losses = state.get("train_loss", [[]] * (task + 1))  # absent in runs written before it was recorded
     if not isinstance(losses, list) or len(losses) != task + 1 or not all(
-            _number_list(row, len(row)) if isinstance(row, list) else False for row in losses):
+            isinstance(row, list) and _number_list(row, len(row)) for row in losses):
         raise bad("train_loss")
     metrics = state.get("metrics")
     if not isinstance(metrics, dict) or not _number_list(metrics.get("task_accuracy"), task + 1):
