@@ -27,8 +27,8 @@ import torch  # noqa: E402
 from backbones import get_backbone
 from benchmarks.bench_statistics import make_features, make_heads
 from benchmarks.bench_train_step import MODES, measure
-from benchmarks.common import (add_threads_flag, apply_threads, clock_name, device_info, pick_device, table, timed,
-                               write_result)
+from benchmarks.common import (add_backbone_flags, add_threads_flag, apply_threads, clock_name, device_info,
+                               pick_device, resolve_backbone, table, timed, write_result)
 from slca_cli.alignment import align_classifier
 from slca_cli.statistics import ClassStatistics, cholesky_factors
 
@@ -66,8 +66,7 @@ def alignment_seconds(dim: int, device: torch.device, task: int) -> float:
 def main(argv=None) -> Dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--tiny", action="store_true", help="vit-tiny-test at 32 px (default on CPU)")
-    parser.add_argument("--backbone", default=None)
+    add_backbone_flags(parser)
     parser.add_argument("--mode", default=None, choices=list(MODES),
                         help="default bf16-sdpa on GPUs, fp32-sdpa on CPUs (what --precision auto picks)")
     parser.add_argument("--batch", type=int, default=128)
@@ -77,8 +76,7 @@ def main(argv=None) -> Dict:
     args = parser.parse_args(argv)
     device = pick_device(args.device)
     apply_threads(args.threads, device)
-    tiny = args.tiny or (device.type == "cpu" and args.backbone is None)
-    backbone = args.backbone or ("vit-tiny-test" if tiny else "vit-b16-in21k")
+    _, backbone = resolve_backbone(args, device)
     mode = args.mode or ("bf16-sdpa" if device.type == "cuda" else "fp32-sdpa")
     spec = get_backbone(backbone)
     steps = args.steps or (5 if device.type == "cpu" else 30)

@@ -28,8 +28,9 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from backbones import get_backbone
-from benchmarks.common import (PeakMemory, add_threads_flag, apply_threads, clock_name, device_info, peak_flops,
-                               pick_device, synchronize, table, timed, write_result)
+from benchmarks.common import (PeakMemory, add_backbone_flags, add_threads_flag, apply_threads, clock_name,
+                               device_info, peak_flops, pick_device, resolve_backbone, synchronize, table, timed,
+                               write_result)
 from slca_cli.model import ContinualModel
 from slca_cli.speed import compile_backbone, enable_fused_attention
 
@@ -120,8 +121,7 @@ def measure(backbone: str, mode_name: str, device: torch.device, batch: int, siz
 def main(argv=None) -> Dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--tiny", action="store_true", help="vit-tiny-test at 32 px (default on CPU)")
-    parser.add_argument("--backbone", default=None)
+    add_backbone_flags(parser)
     parser.add_argument("--batch", type=int, default=None)
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--warmup", type=int, default=None)
@@ -131,8 +131,7 @@ def main(argv=None) -> Dict:
     args = parser.parse_args(argv)
     device = pick_device(args.device)
     apply_threads(args.threads, device)
-    tiny = args.tiny or (device.type == "cpu" and args.backbone is None)
-    backbone = args.backbone or ("vit-tiny-test" if tiny else "vit-b16-in21k")
+    tiny, backbone = resolve_backbone(args, device)
     size = get_backbone(backbone).image_size
     batch = args.batch or (32 if tiny else 128)
     steps = args.steps or (10 if device.type == "cpu" else 30)

@@ -168,6 +168,17 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def add_backbone_flags(parser) -> None:
+    parser.add_argument("--tiny", action="store_true", help="vit-tiny-test at 32 px (default on CPU)")
+    parser.add_argument("--backbone", default=None)
+
+
+def resolve_backbone(args, device: torch.device):
+    """(tiny, backbone name): the 2-block test ViT with --tiny or on a CPU without --backbone, else ViT-B/16."""
+    tiny = args.tiny or (device.type == "cpu" and args.backbone is None)
+    return tiny, args.backbone or ("vit-tiny-test" if tiny else "vit-b16-in21k")
+
+
 def add_threads_flag(parser) -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for torch (default on CPU: 1, so that both sides of a comparison run "
