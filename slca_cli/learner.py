@@ -5,10 +5,9 @@ import math
 from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .data.loaders import host_loader
 from .distributed import process_loader, sum_across_processes, workers_per_process
 from .errors import SlcaError
 from .model import ContinualModel, freeze_batchnorm_statistics
@@ -19,14 +18,10 @@ from .stages import mark
 SYNC_EVERY = 25
 
 
-def default_workers(tensor_data: bool) -> int:
-    """Loader processes: none for generated tensors, else the node's cores shared among its processes."""
-    return workers_per_process(tensor_data)
-
-
-def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int, workers: int,
-                pin_memory: bool = False) -> DataLoader:
-    return host_loader(dataset, batch_size, shuffle, seed, workers, pin_memory)
+def default_workers(workers: Optional[int], data) -> int:
+    """``--workers`` when given, else none for generated tensors and the node's cores shared among its
+    processes for images (distributed.workers_per_process)."""
+    return workers if workers is not None else workers_per_process(data.transform_style == "tensor")
 
 
 def fit_task(model: ContinualModel, loader: DataLoader, accelerator, *, task: int, label_offset: int, epochs: int,

@@ -113,9 +113,10 @@ def load_model(task_dir: Path):
 
 def collect_features(model, split, remap, classes, transform, accelerator, batch_size, workers,
                      show_progress) -> Tuple[torch.Tensor, torch.Tensor]:
-    from .learner import feature_batches, make_loader
+    from .data.loaders import host_loader
+    from .learner import feature_batches
     subset = RemappedSubset(split, remap, classes, transform=transform)
-    loader = make_loader(subset, batch_size, False, 0, workers, accelerator.device.type == "cuda")
+    loader = host_loader(subset, batch_size, False, 0, workers, accelerator.device.type == "cuda")
     xs, ys = [], []
     for features, labels in feature_batches(model, loader, accelerator, "probe features", show_progress):
         xs.append(features.cpu())
@@ -138,7 +139,7 @@ def probe_seed(seed_dir: Path, *, data_root: Optional[str] = None, device: str =
     remap = class_remap(order)
     seen = sum(cfg.task_sizes[: int(state["task"]) + 1])
     classes = list(range(seen))
-    workers = cfg.workers if cfg.workers is not None else default_workers(data.transform_style == "tensor")
+    workers = default_workers(cfg.workers, data)
     size = batch_size or cfg.batch_size
     # Training images under the test transform: the representation is probed, not augmented.
     train = collect_features(model, data.train, remap, classes, data.test.transform, accelerator, size, workers,

@@ -222,7 +222,7 @@ def run_seed(cfg: RunConfig, seed: int, run_dir: Path, accelerator, data: Datase
     if data.skipped:
         log(f"--skip-bad-images: left out {len(data.skipped)} unreadable image(s), listed in "
             f"{run_dir / 'skipped-images.json'}")
-    workers = cfg.workers if cfg.workers is not None else default_workers(data.transform_style == "tensor")
+    workers = default_workers(cfg.workers, data)
     loaders = PassLoaders(data, remap, batch_size=cfg.batch_size, image_size=cfg.image_size, mean=cfg.mean,
                           std=cfg.std, device=device, workers=workers, on_device=cfg.device_augment,
                           rank=accelerator.process_index, world=accelerator.num_processes)
@@ -396,7 +396,7 @@ def evaluate_checkpoint(task_dir: Path, data_root: Optional[str], device: str = 
     model.to(accelerator.device)
     remap = class_remap(state["class_order"])
     seen_sizes = list(cfg.task_sizes[: task + 1])
-    workers = cfg.workers if cfg.workers is not None else default_workers(data.transform_style == "tensor")
+    workers = default_workers(cfg.workers, data)
     # The pipeline the run used (host or device transforms), so the stored accuracy is reproduced.
     loaders = PassLoaders(data, remap, batch_size=batch_size or cfg.batch_size, image_size=cfg.image_size,
                           mean=cfg.mean, std=cfg.std, device=accelerator.device, workers=workers,
