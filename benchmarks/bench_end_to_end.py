@@ -29,7 +29,7 @@ from benchmarks.bench_statistics import make_features, make_heads
 from benchmarks.bench_train_step import MODES, measure
 from benchmarks.common import (add_backbone_flags, add_threads_flag, apply_threads, clock_name, device_info,
                                pick_device, resolve_backbone, table, timed, write_result)
-from slca_cli.alignment import align_classifier
+from slca_cli.alignment import AlignmentRecipe, align_classifier
 from slca_cli.statistics import ClassStatistics, cholesky_factors
 
 TASKS, CLASSES_PER_TASK, TRAIN_PER_CLASS, TEST_PER_CLASS, EPOCHS = 10, 10, 500, 100, 20
@@ -58,7 +58,7 @@ def alignment_seconds(dim: int, device: torch.device, task: int) -> float:
     heads = make_heads([CLASSES_PER_TASK] * (task + 1), dim, device)
     times: Dict[str, float] = {}
     with timed(device, times, "align"):
-        align_classifier(heads, means, None, [CLASSES_PER_TASK] * (task + 1), chol=chol,
+        align_classifier(heads, means, chol, [CLASSES_PER_TASK] * (task + 1), AlignmentRecipe(),
                          generator=torch.Generator(device=device).manual_seed(0))
     return times["align"]
 

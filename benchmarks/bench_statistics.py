@@ -28,7 +28,7 @@ from torch.distributions import MultivariateNormal
 
 from benchmarks.common import (PeakMemory, add_threads_flag, apply_threads, clock_name, device_info, pick_device,
                                table, timed, write_result)
-from slca_cli.alignment import align_classifier, class_tasks
+from slca_cli.alignment import AlignmentRecipe, align_classifier, class_tasks
 from slca_cli.statistics import ClassStatistics, cholesky_factors
 
 RIDGE = 1e-4
@@ -170,9 +170,10 @@ def run_case(num_classes: int, dim: int, per_class: int, epochs: int, device: to
     losses: List[float] = []
     heads = make_heads(task_sizes, dim, device)
     with PeakMemory(device) as mem_align, timed(device, times, "align_ours"):
-        align_classifier(heads, means, None, task_sizes, chol=chol, epochs=epochs, samples_per_class=per_class,
-                         batch_size=256, generator=torch.Generator(device=device).manual_seed(0),
-                         mean_scaling="authors", progress=lambda e, loss: losses.append(loss))
+        align_classifier(heads, means, chol, task_sizes,
+                         AlignmentRecipe(epochs=epochs, samples_per_class=per_class, batch_size=256,
+                                         mean_scaling="authors"),
+                         generator=torch.Generator(device=device).manual_seed(0), progress=lambda e, loss: losses.append(loss))
     ours_acc = held_out_accuracy(heads, means, chol)
     result = {"classes": num_classes, "dim": dim, "per_class": per_class, "epochs": epochs,
               "statistics": {"passes": f"10 tasks of {task_sizes[0]} new classes, batches of 128, as the runner",
@@ -208,7 +209,7 @@ def warm_up(device: torch.device) -> None:
     ours_statistics(x, y, 4, 8)
     means, covs = collected_statistics(x, y, 4, 8)
     heads = make_heads([2, 2], 32, device)
-    align_classifier(heads, means, covs, [2, 2], epochs=1, samples_per_class=8)
+    align_classifier(heads, means, cholesky_factors(covs), [2, 2], AlignmentRecipe(epochs=1, samples_per_class=8))
     authors_alignment(heads, means, covs, [2, 2], epochs=1, per_class=8, batch=8)
 
 

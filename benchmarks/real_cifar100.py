@@ -69,7 +69,9 @@ def main() -> None:
     args = parse_args()
     from slca_cli.probe import probe_seed
     from slca_cli.report import build_report
-    from slca_cli.runner import make_accelerator, resolve_run, run_seed
+    from slca_cli.resolve import resolve_run
+    from slca_cli.runner import run_seed
+    from slca_cli.speed import make_accelerator
 
     runs, results = Path(args.runs), Path(args.results)
     load_start = os.getloadavg() if hasattr(os, "getloadavg") else None

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable, Optional, Sequence, Tuple
 
 import torch
@@ -9,7 +10,6 @@ import torch.nn.functional as F
 from einops import rearrange, repeat
 from torch import nn
 
-from .statistics import cholesky_factors  # noqa: F401  (re-exported: the sampler's factorization)
 
 
 def task_membership(task_sizes: Sequence[int], device=None) -> torch.Tensor:
@@ -90,48 +90,66 @@ def alignment_loss_and_grad(logits: torch.Tensor, labels: torch.Tensor, membersh
     return loss, grad.mul_(scale).add_(logits * (per_task @ membership.T))
 
 
-def align_classifier(heads: nn.ModuleList, means: torch.Tensor, covs: Optional[torch.Tensor],
-                     task_sizes: Sequence[int], *, epochs: int = 5, samples_per_class: int = 256,
-                     batch_size: int = 256, lr: float = 0.01, momentum: float = 0.9, weight_decay: float = 5e-4,
-                     tau: float = 0.1, logit_norm: bool = True, mean_scaling: str = "task",
-                     generator: Optional[torch.Generator] = None,
-                     progress: Optional[Callable[[int, float], None]] = None,
-                     chol: Optional[torch.Tensor] = None, sample_transform: Optional[Callable] = None) -> None:
+SampleTransform = Callable[[torch.Tensor, torch.Tensor, Optional[torch.Generator]], torch.Tensor]
+
+
+@dataclass
+class AlignmentRecipe:
+    """How classifier alignment trains the heads (spec section 5); a method may change it (``Method.alignment``).
+
+    ``mean_scaling``: the authors' shrinking of old class means (``task``, ``authors`` or ``off``).
+    ``sample_transform(features, labels, generator)`` changes each epoch's samples (SLCA++ shrinks old classes).
+    """
+
+    epochs: int = 5
+    samples_per_class: int = 256
+    batch_size: int = 256
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    tau: float = 0.1
+    logit_norm: bool = True
+    mean_scaling: str = "task"
+    sample_transform: Optional[SampleTransform] = None
+
+
+def align_classifier(heads: nn.ModuleList, means: torch.Tensor, chol: torch.Tensor, task_sizes: Sequence[int],
+                     recipe: AlignmentRecipe, *, generator: Optional[torch.Generator] = None,
+                     progress: Optional[Callable[[int, float], None]] = None) -> None:
     """Train every head on features sampled from the class Gaussians (spec section 5), in place.
 
-    ``means`` and ``chol`` (the Cholesky factors cached with the statistics; computed from ``covs`` when not
-    given) cover all seen classes in class-order position; the last task in ``task_sizes`` is the current one.
+    ``means`` and ``chol`` (the Cholesky factors cached with the statistics, ``statistics.cholesky_factors``)
+    cover all seen classes in class-order position; the last task in ``task_sizes`` is the current one.
     All heads are trained as one stacked (classes x (D + 1)) matrix [weight | bias] against features with a
     column of ones, with the closed-form gradient of ``alignment_loss_and_grad`` and SGD written out (momentum,
     weight decay, cosine learning rate per epoch as torch's SGD and CosineAnnealingLR): elementwise, so the
     same optimization as per-head parameters, with two matmuls per batch whatever the number of heads.
-    ``sample_transform(features, labels, generator)`` changes each epoch's samples (SLCA++ shrinks old classes).
+    ``progress(epoch, mean loss)`` is called after every epoch.
     """
     device = heads[0].weight.device
     means = means.to(device=device, dtype=torch.float64)
-    if mean_scaling != "off":
-        scale = mean_scale(class_tasks(task_sizes, mean_scaling), len(task_sizes) - 1).to(device)
+    if recipe.mean_scaling != "off":
+        scale = mean_scale(class_tasks(task_sizes, recipe.mean_scaling), len(task_sizes) - 1).to(device)
         means = means * scale[:, None]
-    if chol is None:
-        chol = cholesky_factors(covs.to(device))
     chol = chol.to(device=device, dtype=torch.float32)
     means = means.to(torch.float32)
     params = torch.cat([torch.cat([h.weight.detach(), h.bias.detach()[:, None]], dim=1) for h in heads]).float()
-    membership = task_membership(task_sizes, device) if logit_norm else None
+    membership = task_membership(task_sizes, device) if recipe.logit_norm else None
     velocity: Optional[torch.Tensor] = None
     rng_device = generator.device if generator is not None else device
-    for epoch in range(epochs):
-        epoch_lr = lr * (1 + math.cos(math.pi * epoch / max(epochs, 1))) / 2
-        features, labels = sample_features(means, chol, samples_per_class, generator)
-        if sample_transform is not None:
-            features = sample_transform(features, labels, generator)
+    batch_size, momentum, weight_decay = recipe.batch_size, recipe.momentum, recipe.weight_decay
+    for epoch in range(recipe.epochs):
+        epoch_lr = recipe.lr * (1 + math.cos(math.pi * epoch / max(recipe.epochs, 1))) / 2
+        features, labels = sample_features(means, chol, recipe.samples_per_class, generator)
+        if recipe.sample_transform is not None:
+            features = recipe.sample_transform(features, labels, generator)
         order = torch.randperm(len(labels), generator=generator, device=rng_device).to(device)
         features = torch.cat([features, features.new_ones(len(features), 1)], dim=1)[order]
         labels = labels[order]
         total = torch.zeros((), device=device)
         for start in range(0, len(labels), batch_size):
             x, y = features[start:start + batch_size], labels[start:start + batch_size]
-            loss, grad_logits = alignment_loss_and_grad(x @ params.T, y, membership, tau)
+            loss, grad_logits = alignment_loss_and_grad(x @ params.T, y, membership, recipe.tau)
             grad = torch.addmm(params, grad_logits.T, x, beta=weight_decay)  # gradient + weight decay
             velocity = grad if velocity is None else velocity.mul_(momentum).add_(grad)
             params.add_(velocity, alpha=-epoch_lr)

@@ -9,14 +9,17 @@ import random
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from dataclasses import dataclass
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_tensor_bytes
+from safetensors.torch import save_file
 
 from .errors import SlcaError
+from .presets import RunConfig
 from .stages import mark
 from .validation import check_task_state
 
@@ -145,7 +148,34 @@ def save_task(run_dir: Path, task: int, model_tensors: Dict[str, torch.Tensor],
                                                        STATS_FILE: (stats_tensors, "slca-stats")}, state)
 
 
-def read_state(task_dir: Path) -> Dict[str, Any]:
+@dataclass(frozen=True)
+class TaskState:
+    """A finished task's state.json, validated field by field (validation.check_task_state), with its RunConfig."""
+
+    task_dir: Path
+    task: int
+    config: RunConfig
+    raw: Dict[str, Any]
+
+    seed = property(lambda self: self.raw["seed"])
+    class_order = property(lambda self: list(self.raw["class_order"]))
+    counts = property(lambda self: self.raw["counts"])
+    seconds = property(lambda self: self.raw["seconds"])
+    peak_memory_mb = property(lambda self: self.raw["peak_memory_mb"])
+    train_loss = property(lambda self: self.raw.get("train_loss", [[] for _ in range(self.task + 1)]))
+    metrics = property(lambda self: self.raw["metrics"])
+    rng = property(lambda self: self.raw["rng"])
+    data_fingerprint = property(lambda self: self.raw["data_fingerprint"])
+    sha256 = property(lambda self: self.raw["sha256"])
+
+    @property
+    def seen_sizes(self) -> List[int]:
+        """Classes per task up to and including this one."""
+        return list(self.config.task_sizes[: self.task + 1])
+
+
+def read_state(task_dir: Path) -> TaskState:
+    """The validated state of a task folder; a damaged or foreign state.json is a one-line SlcaError."""
     path = Path(task_dir) / STATE_FILE
     if path.is_symlink():
         raise SlcaError(f"{path} is a link; slca reads only regular files inside a task folder")
@@ -156,11 +186,32 @@ def read_state(task_dir: Path) -> Dict[str, Any]:
         state = json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as exc:
         raise SlcaError(f"{path} is damaged ({exc.__class__.__name__}); resume from an earlier task") from None
-    return check_task_state(state, path)
+    cfg = check_task_state(state, path)
+    return TaskState(Path(task_dir), int(state["task"]), cfg, state)
 
 
-def load_tensors(task_dir: Path, name: str, state: Dict[str, Any]) -> Dict[str, torch.Tensor]:
-    """Load one tensor file of a task folder after checking its recorded sha256."""
+def _verified_bytes(path: Path, expected: Optional[str]) -> Optional[bytes]:
+    """The file's bytes when it is a regular file whose sha256 is ``expected``, else None (read once)."""
+    if path.is_symlink() or not path.is_file() or expected is None:
+        return None
+    data = path.read_bytes()
+    return data if hashlib.sha256(data).hexdigest() == expected else None
+
+
+def _deserialize(path: Path, data: bytes) -> Dict[str, torch.Tensor]:
+    try:
+        return load_tensor_bytes(data)
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise SlcaError(f"{path} is not a readable safetensors file ({exc})") from None
+
+
+def load_tensors(task_dir: Path, name: str, state: TaskState) -> Dict[str, torch.Tensor]:
+    """Load one tensor file of a task folder after checking its recorded sha256 (the file is read once)."""
+    return _deserialize(Path(task_dir) / name, check_tensor_file(task_dir, name, state))
+
+
+def check_tensor_file(task_dir: Path, name: str, state: TaskState) -> bytes:
+    """The bytes of one tensor file of a task folder, or a one-line SlcaError when it is missing or damaged."""
     if name not in (MODEL_FILE, STATS_FILE):
         raise SlcaError(f"unknown tensor file {name!r} in {task_dir}")
     path = Path(task_dir) / name
@@ -169,41 +220,61 @@ def load_tensors(task_dir: Path, name: str, state: Dict[str, Any]) -> Dict[str, 
                         f"in place of the link)")
     if not path.is_file():
         raise SlcaError(f"{path} is missing; the task folder is incomplete, resume from an earlier task")
-    expected = state.get("sha256", {}).get(name)
-    if expected is None or sha256_file(path) != expected:
+    data = _verified_bytes(path, state.sha256.get(name))
+    if data is None:
         raise SlcaError(f"{path} is damaged (sha256 differs from state.json: truncated or modified); "
                         f"re-run that task with --resume after removing {Path(task_dir).name}/")
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise SlcaError(f"{path} is not a readable safetensors file ({exc})") from None
+    return data
+
+
+def open_task(task_dir: Path, load: Tuple[str, ...] = ()) -> Tuple[TaskState, Dict[str, Dict[str, torch.Tensor]]]:
+    """A finished task folder checked whole: its state and both tensor files (each read and hashed once); the
+    files named in ``load`` are also deserialized, from the bytes that were hashed. SlcaError naming the
+    problem when the folder is not complete and intact."""
+    state = read_state(task_dir)
+    tensors = {}
+    for name in (MODEL_FILE, STATS_FILE):
+        path = Path(task_dir) / name
+        data = _verified_bytes(path, state.sha256.get(name))
+        if data is None:
+            raise SlcaError(f"{name} missing or damaged")
+        if name in load:
+            tensors[name] = _deserialize(path, data)
+    return state, tensors
 
 
 def verify_task(task_dir: Path) -> Optional[str]:
     """None when the folder is complete and intact, else the reason it is not."""
     try:
-        state = read_state(task_dir)
-        for name in (MODEL_FILE, STATS_FILE):
-            path = Path(task_dir) / name
-            if path.is_symlink() or not path.is_file() or sha256_file(path) != state["sha256"].get(name):
-                return f"{name} missing or damaged"
+        open_task(task_dir)
     except SlcaError as exc:
         return str(exc)
     return None
 
 
-def complete_tasks(run_dir: Path) -> Tuple[int, List[str]]:
-    """Number of leading intact task folders (task-01 ... task-K), and warnings for damaged ones after them."""
-    count, warnings = 0, []
+def intact_tasks(run_dir: Path, warnings: List[str], load: Tuple[str, ...] = ()
+                 ) -> Iterator[Tuple[TaskState, Dict[str, Dict[str, torch.Tensor]]]]:
+    """The leading intact task folders (task-01 ... task-K) in order, as ``open_task`` gives them; a damaged
+    folder after them ends the walk with a warning appended to ``warnings``."""
+    count = 0
     while True:
         folder = Path(run_dir) / task_dir_name(count)
         if not folder.exists() and not folder.is_symlink():
-            break
-        problem = "it is a link; task folders inside a run are never links" if folder.is_symlink() else \
-            verify_task(folder)
-        if problem is not None:
+            return
+        try:
+            if folder.is_symlink():
+                raise SlcaError("it is a link; task folders inside a run are never links")
+            opened = open_task(folder, load)
+        except SlcaError as exc:
             then = "resuming from the task before it" if count else "starting again from task 1"
-            warnings.append(f"{folder} is damaged ({problem}); {then}")
-            break
+            warnings.append(f"{folder} is damaged ({exc}); {then}")
+            return
+        yield opened
         count += 1
+
+
+def complete_tasks(run_dir: Path) -> Tuple[int, List[str]]:
+    """Number of leading intact task folders (task-01 ... task-K), and warnings for damaged ones after them."""
+    warnings: List[str] = []
+    count = sum(1 for _ in intact_tasks(run_dir, warnings))
     return count, warnings

@@ -12,6 +12,7 @@ from typing import List, Optional
 import typer
 
 from .errors import SlcaError
+from .presets import CHOICES
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
                   help="Continual learning on pre-trained vision models with SLCA (Slow Learner with Classifier "
@@ -37,111 +38,116 @@ def user_errors(fn):
     return wrapper
 
 
-@app.command()
+DATA, BACKBONE, STAGE1, ALIGNMENT, METHOD, RUN, SPEED = (
+    "Data", "Backbone", "Stage 1 (slow learner)", "Alignment", "Method-specific", "Run and resume", "Speed")
+# train's options that are not RunConfig fields but go to resolve_run with them: how the classes are split.
+SPLIT_FLAGS = ("tasks", "init_classes", "increment", "num_classes")
+TRAIN_EXAMPLES = """Examples: the paper's SLCA on Split CIFAR-100; the slow learner alone on ImageNet-R with
+iBOT, seed 1996; a smoke run on a CPU.
+
+slca train --dataset cifar100 --backbone vit-b16-in21k
+
+slca train --dataset imagenet-r --backbone ibot --method sl --seed 1996
+
+slca train --dataset synthetic --backbone vit-tiny-test --epochs 1 --device cpu"""
+
+
+def _option(panel: str, help: str, *names: str, default=None):
+    """A train option in its --help panel; None means "the preset" (see RunConfig)."""
+    return typer.Option(default, *names, help=help, rich_help_panel=panel)
+
+
+def _methods_help() -> str:
+    from .methods import method_names
+    return f"{', '.join(method_names())} (`slca methods` describes each)."
+
+
+@app.command(epilog=TRAIN_EXAMPLES)
 @user_errors
 def train(
-    dataset: str = typer.Option(..., help="Dataset name (see `slca datasets`)."),
-    backbone: str = typer.Option(..., help="Backbone name or alias (see `slca backbones`)."),
-    method: str = typer.Option("slca", help="slca (slow learner + classifier alignment), sl (slow learner only), "
-                                            "seqft (one learning rate for all), joint (all classes in one task), "
-                                            "linear (frozen backbone), l2p, dualprompt (prompts on a frozen "
-                                            "ViT) or slca++ (LoRA + symmetric CE + alignment)."),
-    out: Optional[Path] = typer.Option(None, help="Run folder; default runs/<dataset>-<backbone>-<method>."),
-    seed: List[int] = typer.Option([1993], help="Seed; repeat for several runs (paper: 1993, 1996, 1997)."),
-    data_root: Optional[str] = typer.Option(None, help="Where the dataset lives (see `slca datasets`)."),
-    weights: Optional[str] = typer.Option(None, help="Local backbone weights (.safetensors, .npz, .pth) "
-                                                     "instead of the hub."),
-    tasks: Optional[int] = typer.Option(None, help="Number of tasks."),
-    init_classes: Optional[int] = typer.Option(None, help="Classes in the first task."),
-    increment: Optional[int] = typer.Option(None, help="Classes per later task (the last takes the rest)."),
-    num_classes: Optional[int] = typer.Option(None, help="Classes to generate (synthetic only)."),
-    train_per_class: Optional[int] = typer.Option(None, help="Use at most this many training images per class."),
-    test_per_class: Optional[int] = typer.Option(None, help="Use at most this many test images per class."),
-    epochs: Optional[int] = typer.Option(None, help="Stage-1 epochs per task."),
-    lr_drop_epoch: Optional[int] = typer.Option(None, help="Epoch after which the learning rate drops 10x."),
-    batch_size: Optional[int] = typer.Option(None, help="Batch size for training and testing."),
-    lr_backbone: Optional[float] = typer.Option(None, help="Backbone learning rate (the slow learner)."),
-    lr_head: Optional[float] = typer.Option(None, help="Classifier learning rate."),
-    ca_epochs: Optional[int] = typer.Option(None, help="Classifier-alignment epochs."),
-    ca_samples: Optional[int] = typer.Option(None, help="Gaussian samples per class per alignment epoch."),
-    tau: Optional[float] = typer.Option(None, help="Logit-normalization temperature."),
-    logit_norm: Optional[bool] = typer.Option(None, "--logit-norm/--no-logit-norm",
-                                              help="Logit normalization during alignment."),
-    mean_scaling: Optional[str] = typer.Option(None, help="Authors' shrinking of old class means before "
-                                                          "sampling: task (true task of each class), authors "
-                                                          "(their c // task_size) or off."),
-    fresh_norm: Optional[bool] = typer.Option(None, "--fresh-norm/--keep-norm",
-                                              help="Authors' quirk: replace the final LayerNorm with a fresh one "
-                                                   "(default: on for ViTs, off for backbones without one)."),
-    freeze_bn: Optional[bool] = typer.Option(None, "--freeze-bn/--update-bn",
-                                             help="BatchNorm backbones (CNNs): keep the pre-trained running "
-                                                  "statistics during the slow learner (default) or update them."),
-    restore_stage1_heads: Optional[bool] = typer.Option(
-        None, "--restore-stage1-heads/--keep-aligned-heads",
-        help="Authors' quirk: after evaluating, the next task starts from the unaligned heads."),
-    align: Optional[bool] = typer.Option(None, "--align/--no-align",
-                                         help="Classifier alignment after every task (any method)."),
-    weight_decay: Optional[float] = typer.Option(None, help="Stage-1 weight decay (also used by alignment)."),
-    optimizer: Optional[str] = typer.Option(None, help="Stage-1 optimizer: sgd or adam."),
-    schedule: Optional[str] = typer.Option(None, help="Stage-1 lr schedule per task: step, cosine or constant."),
-    min_lr: Optional[float] = typer.Option(None, help="Final lr of the cosine schedule."),
-    grad_clip: Optional[float] = typer.Option(None, help="Clip the gradient norm at this value."),
-    sce_a: Optional[float] = typer.Option(None, help="Symmetric CE: weight of cross-entropy."),
-    sce_b: Optional[float] = typer.Option(None, help="Symmetric CE: weight of reverse cross-entropy (0 = plain CE)."),
-    lora_rank: Optional[int] = typer.Option(None, help="slca++: LoRA rank on each block's qkv, fc1, fc2."),
-    lora_scale: Optional[float] = typer.Option(None, help="slca++: LoRA scale."),
-    lr_lora: Optional[float] = typer.Option(None, help="slca++: LoRA learning rate after the first task."),
-    lr_lora_first: Optional[float] = typer.Option(None, help="slca++: LoRA learning rate in the first task."),
-    sample_shrink: Optional[float] = typer.Option(None, help="slca++: mean s of the old-class sample shrinking "
-                                                             "1/(1 + s (T - t)) in alignment (0 = off)."),
-    prompt_pool: Optional[int] = typer.Option(None, help="l2p/dualprompt: prompts (and keys) in the pool."),
-    prompt_length: Optional[int] = typer.Option(None, help="l2p: tokens per prompt; dualprompt: E-prompt length."),
-    prompt_top_k: Optional[int] = typer.Option(None, help="l2p: prompts chosen per image."),
-    g_prompt_length: Optional[int] = typer.Option(None, help="dualprompt: G-prompt length."),
-    matching_weight: Optional[float] = typer.Option(None, help="l2p/dualprompt: weight of the key-query "
-                                                               "matching loss."),
-    image_size: Optional[int] = typer.Option(None, help="Input size in pixels (default: the backbone's)."),
-    precision: Optional[str] = typer.Option(None, help="auto (bf16 on GPUs that support it, else fp32; under "
-                                                       "accelerate launch its config's mixed precision), fp32, "
-                                                       "bf16, or fp16 (with loss scaling)."),
-    workers: Optional[int] = typer.Option(None, help="Data-loader processes per training process (default: the "
-                                                     "machine's cores shared among the processes)."),
-    compile: bool = typer.Option(False, "--compile/--no-compile", help="torch.compile the backbone (faster "
-                                                                       "steps on GPUs after a warm-up)."),
-    augment_on_device: Optional[bool] = typer.Option(
-        None, "--augment-on-device/--augment-on-host",
-        help="CIFAR transforms as batched ops on the training device from uint8 images uploaded once "
-             "(default: on for cifar100 on a GPU) or on host loader workers."),
-    skip_bad_images: bool = typer.Option(False, "--skip-bad-images",
-                                         help="Decode every image first and leave unreadable ones out (listed in "
-                                              "the run folder's skipped-images.json) instead of stopping."),
-    device: str = typer.Option("auto", help="auto, cpu or cuda."),
-    resume: bool = typer.Option(False, "--resume", help="Continue after the last complete task-NN/ folder."),
-    checkpoint_every: int = typer.Option(0, help="Also save the task being trained every N epochs "
-                                                 "(in-progress/), so --resume continues mid-task. 0: off."),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars on stderr."),
-    accelerate_config: Optional[str] = typer.Option(
-        None, help="Run under `accelerate launch` with this accelerate config file (default: accelerate's default "
-                   "config when it asks for several processes; 'none' to ignore it)."),
+    ctx: typer.Context,
+    dataset: str = _option(DATA, "Dataset name (see `slca datasets`).", default=...),
+    data_root: Optional[str] = _option(DATA, "Where the dataset lives (see `slca datasets`)."),
+    tasks: Optional[int] = _option(DATA, "Number of tasks."),
+    init_classes: Optional[int] = _option(DATA, "Classes in the first task."),
+    increment: Optional[int] = _option(DATA, "Classes per later task (the last takes the rest)."),
+    num_classes: Optional[int] = _option(DATA, "Classes to generate (synthetic only)."),
+    train_per_class: Optional[int] = _option(DATA, "Use at most this many training images per class."),
+    test_per_class: Optional[int] = _option(DATA, "Use at most this many test images per class."),
+    image_size: Optional[int] = _option(DATA, "Input size in pixels (default: the backbone's)."),
+    skip_bad_images: Optional[bool] = _option(DATA, "Decode every image first and leave unreadable ones out "
+                                                    "(listed in skipped-images.json) instead of stopping.",
+                                              "--skip-bad-images/--stop-on-bad-images"),
+    backbone: str = _option(BACKBONE, "Backbone name or alias (see `slca backbones`).", default=...),
+    weights: Optional[str] = _option(BACKBONE, "Local backbone weights (.safetensors, .npz, .pth) instead of the "
+                                               "hub."),
+    fresh_norm: Optional[bool] = _option(BACKBONE, "Authors' quirk: a fresh final LayerNorm (default: on for ViTs, "
+                                                   "off without one).", "--fresh-norm/--keep-norm"),
+    freeze_bn: Optional[bool] = _option(BACKBONE, "BatchNorm backbones: keep the pre-trained running statistics "
+                                                  "(default) or update them.", "--freeze-bn/--update-bn"),
+    method: str = _option(METHOD, _methods_help(), default="slca"),
+    epochs: Optional[int] = _option(STAGE1, "Epochs per task."),
+    lr_drop_epoch: Optional[int] = _option(STAGE1, "Epoch after which the learning rate drops 10x."),
+    batch_size: Optional[int] = _option(STAGE1, "Batch size for training and testing."),
+    lr_backbone: Optional[float] = _option(STAGE1, "Backbone learning rate (the slow learner)."),
+    lr_head: Optional[float] = _option(STAGE1, "Classifier learning rate."),
+    weight_decay: Optional[float] = _option(STAGE1, "Weight decay (also used by alignment)."),
+    optimizer: Optional[str] = _option(STAGE1, f"{' or '.join(CHOICES['optimizer'])}."),
+    schedule: Optional[str] = _option(STAGE1, f"Per task: {', '.join(CHOICES['schedule'])}."),
+    min_lr: Optional[float] = _option(STAGE1, "Final lr of the cosine schedule."),
+    grad_clip: Optional[float] = _option(STAGE1, "Clip the gradient norm at this value."),
+    align: Optional[bool] = _option(ALIGNMENT, "Classifier alignment after every task (any method).",
+                                    "--align/--no-align"),
+    ca_epochs: Optional[int] = _option(ALIGNMENT, "Alignment epochs."),
+    ca_samples: Optional[int] = _option(ALIGNMENT, "Gaussian samples per class per epoch."),
+    tau: Optional[float] = _option(ALIGNMENT, "Logit-normalization temperature."),
+    logit_norm: Optional[bool] = _option(ALIGNMENT, "Logit normalization.", "--logit-norm/--no-logit-norm"),
+    mean_scaling: Optional[str] = _option(ALIGNMENT, "Shrinking of old class means before sampling: task (true "
+                                                     "task of each class), authors (their c // task_size) or off."),
+    restore_stage1_heads: Optional[bool] = _option(
+        ALIGNMENT, "Authors' quirk: the next task starts from the unaligned heads.",
+        "--restore-stage1-heads/--keep-aligned-heads"),
+    sce_a: Optional[float] = _option(METHOD, "Symmetric CE: weight of cross-entropy."),
+    sce_b: Optional[float] = _option(METHOD, "Symmetric CE: weight of reverse cross-entropy (0 = plain CE)."),
+    lora_rank: Optional[int] = _option(METHOD, "slca++: LoRA rank on each block's qkv, fc1, fc2."),
+    lora_scale: Optional[float] = _option(METHOD, "slca++: LoRA scale."),
+    lr_lora: Optional[float] = _option(METHOD, "slca++: LoRA learning rate after the first task."),
+    lr_lora_first: Optional[float] = _option(METHOD, "slca++: LoRA learning rate in the first task."),
+    sample_shrink: Optional[float] = _option(METHOD, "slca++: mean s of the old-class sample shrinking "
+                                                     "1/(1 + s (T - t)) in alignment (0 = off)."),
+    prompt_pool: Optional[int] = _option(METHOD, "l2p/dualprompt: prompts (and keys) in the pool."),
+    prompt_length: Optional[int] = _option(METHOD, "l2p: tokens per prompt; dualprompt: E-prompt length."),
+    prompt_top_k: Optional[int] = _option(METHOD, "l2p: prompts chosen per image."),
+    g_prompt_length: Optional[int] = _option(METHOD, "dualprompt: G-prompt length."),
+    matching_weight: Optional[float] = _option(METHOD, "l2p/dualprompt: weight of the key-query matching loss."),
+    out: Optional[Path] = _option(RUN, "Run folder; default runs/<dataset>-<backbone>-<method>."),
+    seed: List[int] = _option(RUN, "Seed; repeat for several runs (paper: 1993, 1996, 1997).", default=[1993]),
+    resume: bool = _option(RUN, "Continue after the last complete task-NN/ folder.", "--resume", default=False),
+    checkpoint_every: Optional[int] = _option(RUN, "Also save the task being trained every N epochs (in-progress/),"
+                                                   " so --resume continues mid-task. 0: off."),
+    progress: bool = _option(RUN, "Progress bars on stderr.", "--progress/--no-progress", default=True),
+    device: str = _option(SPEED, "auto, cpu or cuda.", default="auto"),
+    precision: Optional[str] = _option(SPEED, "auto (bf16 on GPUs that support it, else fp32; under accelerate "
+                                              "launch its config's), fp32, bf16, or fp16 (with loss scaling)."),
+    workers: Optional[int] = _option(SPEED, "Data-loader processes per training process (default: the machine's "
+                                            "cores shared among the processes)."),
+    compile: Optional[bool] = _option(SPEED, "torch.compile the backbone (faster steps on GPUs after a warm-up).",
+                                      "--compile/--no-compile"),
+    device_augment: Optional[bool] = _option(SPEED, "Transforms as batched ops on the training device from uint8 "
+                                                    "images uploaded once (default: on for cifar100 on a GPU) or "
+                                                    "on host loader workers.", "--augment-on-device/--augment-on-host"),
+    accelerate_config: Optional[str] = _option(SPEED, "Run under `accelerate launch` with this config file "
+                                                      "(default: accelerate's default config when it asks for "
+                                                      "several processes; 'none' to ignore it)."),
 ):
     """Train a class-incremental run: for each task fit, collect statistics, align, evaluate, save."""
     from .guard import guarded_seed, interrupt_message, stop_exit_code
-    from .runner import make_accelerator, resolve_run, run_seed
+    from .presets import SETTINGS
+    from .resolve import resolve_run
+    from .runner import run_seed
+    from .speed import make_accelerator
 
-    flags = dict(data_root=data_root, weights=weights, tasks=tasks, init_classes=init_classes, increment=increment,
-                 num_classes=num_classes, train_per_class=train_per_class, test_per_class=test_per_class,
-                 epochs=epochs, lr_drop_epoch=lr_drop_epoch, batch_size=batch_size, lr_backbone=lr_backbone,
-                 lr_head=lr_head, ca_epochs=ca_epochs, ca_samples=ca_samples, tau=tau, logit_norm=logit_norm,
-                 mean_scaling=mean_scaling, fresh_norm=fresh_norm, freeze_bn=freeze_bn,
-                 restore_stage1_heads=restore_stage1_heads, image_size=image_size, precision=precision,
-                 workers=workers, align=align, skip_bad_images=skip_bad_images or None, compile=compile or None,
-                 device_augment=augment_on_device, weight_decay=weight_decay, optimizer=optimizer,
-                 schedule=schedule, min_lr=min_lr, grad_clip=grad_clip, sce_a=sce_a, sce_b=sce_b,
-                 lora_rank=lora_rank, lora_scale=lora_scale, lr_lora=lr_lora, lr_lora_first=lr_lora_first,
-                 sample_shrink=sample_shrink, prompt_pool=prompt_pool, prompt_length=prompt_length,
-                 prompt_top_k=prompt_top_k, g_prompt_length=g_prompt_length, matching_weight=matching_weight)
-    if checkpoint_every < 0:
-        raise SlcaError(f"--checkpoint-every must be 0 (off) or a number of epochs, got {checkpoint_every}")
+    flags = {k: v for k, v in ctx.params.items() if k in SETTINGS or k in SPLIT_FLAGS}
     cfg, data = resolve_run(dataset, backbone, method, flags)
     accelerator = make_accelerator(device, cfg.precision)
     out = out or Path("runs") / f"{cfg.dataset}-{cfg.backbone}-{cfg.method}"
@@ -156,12 +162,24 @@ def train(
             with guarded_seed(run_dir, s, cfg.batch_size, log, accelerator.is_main_process,
                               accelerator.wait_for_everyone):
                 results.append(run_seed(cfg, s, run_dir, accelerator, data, resume=resume, log=log,
-                                        show_progress=progress, checkpoint_every=checkpoint_every))
+                                        show_progress=progress))
         except KeyboardInterrupt as stop:  # SIGINT / SIGTERM: the checkpoint being written was finished first
             _err(interrupt_message(stop, s, run_dir, sys.argv[1:]))
             raise typer.Exit(stop_exit_code(stop))
     if accelerator.is_main_process:
         typer.echo(seed_table(results))
+
+
+@app.command("methods")
+@user_errors
+def methods_command():
+    """List the methods: what each trains, whether it aligns the classifier, which backbones it needs."""
+    from .methods import CATALOG
+
+    for spec in CATALOG:
+        needs = "; needs a ViT backbone" if spec.needs_vit else ""
+        aligns = "classifier alignment" if spec.aligns else "no alignment (--align adds it)"
+        typer.echo(f"{spec.name} ({spec.label})\n    {spec.description}\n    {aligns}{needs}")
 
 
 def seed_table(results) -> str:
@@ -188,7 +206,7 @@ def eval_checkpoint(
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars on stderr."),
 ):
     """Score a checkpoint on the test images of every class it has seen; rebuilt from the folder alone."""
-    from .runner import evaluate_checkpoint
+    from .evaluation import evaluate_checkpoint
 
     result = evaluate_checkpoint(path, data_root, device, batch_size, progress)
     from accelerate import PartialState
@@ -271,10 +289,8 @@ def probe_command(
 ):
     """Train a fresh linear classifier on all seen classes over the frozen, continually learned backbone and
     compare it with the model's own classifier (and with joint training); writes probe.json per seed."""
-    from .probe import CLASSIFIERS, run_probe
+    from .probe import run_probe
 
-    if classifier not in CLASSIFIERS:
-        raise SlcaError(f"--classifier must be one of {', '.join(CLASSIFIERS)}, got '{classifier}'")
     outcome = run_probe(run, joint, data_root=data_root, device=device, task=task, classifier=classifier,
                         batch_size=batch_size, show_progress=progress)
     if as_json:
@@ -348,9 +364,9 @@ def main() -> None:
         _err(str(exc))
         raise SystemExit(2)
     if command is not None:
-        typer.echo(f"slca: running under accelerate launch --config_file {command[4]}", err=True)
+        typer.echo(f"slca: running under accelerate launch --config_file {command.config_file}", err=True)
         sys.stdout.flush()
-        os.execv(command[0], command)
+        os.execv(command.argv[0], command.argv)
     succeeded = False
     try:
         app()

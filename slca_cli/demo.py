@@ -33,7 +33,9 @@ def run_demo(out: Path, *, backbone: str = DEFAULT_BACKBONE, epochs: int = 3, ba
              methods=DEMO_METHODS, log: Callable[[str], None] = print, show_progress: bool = True) -> Dict[str, Any]:
     """Train each method (continuing a finished or interrupted demo in ``out``), then write ``out/report``."""
     from .report import build_report
-    from .runner import make_accelerator, resolve_run, run_seed
+    from .resolve import resolve_run
+    from .runner import run_seed
+    from .speed import make_accelerator
 
     out = Path(out)
     if image_size is None:
@@ -62,11 +64,11 @@ def run_demo(out: Path, *, backbone: str = DEFAULT_BACKBONE, epochs: int = 3, ba
 
 def comparison_table(outcome: Dict[str, Any]) -> str:
     """Last-Acc, Inc-Acc, forgetting and time per method, then SLCA's gain over sequential fine-tuning."""
-    from .report import METHOD_LABELS
+    from .methods import method_spec
     lines = [f"{'method':<8} {'Last-Acc':>9} {'Inc-Acc':>8} {'forgetting':>11} {'seconds':>8}"]
     records = outcome["records"]
     for method, r in records.items():
-        lines.append(f"{METHOD_LABELS.get(method, method):<8} {r['last_acc']:>9.2f} {r['inc_acc']:>8.2f} "
+        lines.append(f"{method_spec(method).label:<8} {r['last_acc']:>9.2f} {r['inc_acc']:>8.2f} "
                      f"{r['forgetting']:>11.2f} {outcome['seconds'][method]:>8.0f}")
     if "slca" in records and "seqft" in records:
         gain = records["slca"]["last_acc"] - records["seqft"]["last_acc"]

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import List, NamedTuple, Optional
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -93,7 +93,14 @@ def _default_accelerate_config() -> Path:
     return Path(os.path.expanduser(home)) / "accelerate" / "default_config.yaml"
 
 
-def launcher_command(argv: List[str]) -> Optional[List[str]]:
+class Relaunch(NamedTuple):
+    """``slca train`` re-run under ``accelerate launch``: the full command line and the config it uses."""
+
+    argv: List[str]
+    config_file: Path
+
+
+def launcher_command(argv: List[str]) -> Optional[Relaunch]:
     """``slca train`` started outside a launcher with an accelerate config (``--accelerate-config FILE``, or
     accelerate's default config when it asks for several processes): the same command under ``accelerate
     launch --config_file FILE``. None when it should simply run here."""
@@ -117,5 +124,5 @@ def launcher_command(argv: List[str]) -> Optional[List[str]]:
     processes = int(config.get("num_processes") or 1) if isinstance(config, dict) else 1
     if not explicit and processes <= 1:
         return None
-    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(path), "-m", "slca_cli",
-            *argv[1:]]
+    return Relaunch([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(path), "-m", "slca_cli",
+                     *argv[1:]], path)

@@ -5,13 +5,14 @@ import math
 from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
+from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .distributed import process_loader, sum_across_processes, workers_per_process
 from .errors import SlcaError
 from .model import ContinualModel, freeze_batchnorm_statistics
-from .recipe import TrainingRecipe, paper_recipe
+from .recipe import TrainingRecipe
 from .stages import mark
 
 # Steps between host syncs in stage 1: the loss stays on the device in between, so the GPU is never stalled.
@@ -24,31 +25,26 @@ def default_workers(workers: Optional[int], data) -> int:
     return workers if workers is not None else workers_per_process(data.transform_style == "tensor")
 
 
-def fit_task(model: ContinualModel, loader: DataLoader, accelerator, *, task: int, label_offset: int, epochs: int,
-             lr_backbone: float, lr_head: float, momentum: float, weight_decay: float,
-             lr_drop_epoch: Optional[int], freeze_bn: bool = False, show_progress: bool = True,
-             epoch_checkpoints=None, recipe: Optional[TrainingRecipe] = None) -> List[float]:
-    """Train the backbone (``lr_backbone``) and the current head (``lr_head``) with cross-entropy over the
-    current head only; earlier heads stay frozen; with ``freeze_bn`` BatchNorm keeps its running statistics.
-    A method's ``recipe`` replaces that default (which parameters train at what lr, optimizer, schedule, loss).
+def fit_task(model: ContinualModel, loader: DataLoader, accelerator, recipe: TrainingRecipe, *, task: int,
+             label_offset: int, show_progress: bool = True, epoch_checkpoints=None) -> List[float]:
+    """Stage 1 of one task: train what ``recipe`` says (parameter groups, optimizer, schedule, loss over the
+    current head, frozen modules, BatchNorm statistics) for ``recipe.epochs`` epochs; earlier heads stay frozen.
     Returns the mean loss of each epoch. ``epoch_checkpoints`` (midtask.TaskEpochs) restores an interrupted
     task's state before the first epoch and saves it after epochs."""
-    if recipe is None:
-        recipe = paper_recipe(model, task, lr_backbone=lr_backbone, lr_head=lr_head, momentum=momentum,
-                              weight_decay=weight_decay, lr_drop_epoch=lr_drop_epoch)
+    epochs = recipe.epochs
     recipe.mark_trainable(model)
-    optimizer, schedule = recipe.make(epochs)
-    train_model, optimizer = accelerator.prepare(model, optimizer)
+    optimizer, schedule = recipe.make()
+    train_model, optimizer = accelerator.prepare(TaskForward(model, task), optimizer)
     # An on-device loader already splits each global batch across processes; DataLoaders go through accelerate.
     train_loader = loader if getattr(loader, "on_device", False) else accelerator.prepare_data_loader(loader)
-    start_epoch, losses = (epoch_checkpoints.restore(accelerator, train_model, optimizer, schedule, loader,
+    start_epoch, losses = (epoch_checkpoints.restore(accelerator, model, optimizer, schedule, loader,
                                                      train_loader) if epoch_checkpoints else (0, []))
     bar = tqdm(total=epochs * len(train_loader), desc=f"task {task + 1} stage 1", unit="batch", leave=False,
                disable=not (show_progress and accelerator.is_main_process))
     bar.update(start_epoch * len(train_loader))
     for epoch in range(start_epoch, epochs):
         train_model.train()
-        if freeze_bn:
+        if recipe.freeze_bn:
             freeze_batchnorm_statistics(model.backbone)
         for module in recipe.frozen_modules:
             module.eval()
@@ -56,7 +52,7 @@ def fit_task(model: ContinualModel, loader: DataLoader, accelerator, *, task: in
         for step, (images, labels) in enumerate(train_loader):
             mark("fit", task=task + 1, epoch=epoch + 1, batch=step + 1)
             with accelerator.autocast():
-                logits = train_model(images, head=task)
+                logits = train_model(images)
                 loss = recipe.loss(logits.float(), labels - label_offset)
             optimizer.zero_grad(set_to_none=True)
             accelerator.backward(loss)
@@ -73,15 +69,24 @@ def fit_task(model: ContinualModel, loader: DataLoader, accelerator, *, task: in
         schedule.step()
         losses.append(float(total) / max(seen, 1))
         if epoch_checkpoints:
-            epoch_checkpoints.epoch_done(epoch, accelerator, train_model, optimizer, schedule, loader, losses)
+            epoch_checkpoints.epoch_done(epoch, accelerator, model, optimizer, schedule, loader, losses)
     bar.close()
     accelerator.free_memory()
-    # prepare() marked the model as prepared and patched an autocast wrapper onto its forward; undo both, so
-    # that next task (a new head) prepares the plain model again: a fresh DDP wrapper, one autocast wrapper.
-    for attribute in ("forward", "_original_forward", "_is_accelerate_prepared"):
-        model.__dict__.pop(attribute, None)
     model.requires_grad_(False)
     return losses
+
+
+class TaskForward(nn.Module):
+    """What accelerate prepares for one task: the model through head ``task``. A fresh one per task, so what
+    prepare() attaches (DDP wrapper, autocast forward, its prepared mark) never outlives the task, and the model
+    itself is never patched."""
+
+    def __init__(self, model: ContinualModel, task: int):
+        super().__init__()
+        self.model, self.task = model, task
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(images, head=self.task)
 
 
 def _check_finite(loss: float, total: float, task: int, epoch: int) -> None:

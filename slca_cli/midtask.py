@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 from .checkpoint import STATE_FILE, remove_path, rng_state, set_rng_state, sha256_file, write_folder
 from .errors import SlcaError
-from .presets import IDENTITY_FIELDS
+from .presets import identity
 from .signals import uninterruptible
 from .validation import check_rng
 
@@ -62,7 +62,7 @@ def identity_of(header: Dict[str, Any]) -> Dict[str, Any]:
     config = header["config"]
     return {"seed": header["seed"], "class_order": header["class_order"],
             "data_fingerprint": header["data_fingerprint"],
-            "config": {k: config.get(k) for k in IDENTITY_FIELDS}}
+            "config": identity(config)}
 
 
 def refuse_leftover(run_dir: Path) -> None:
@@ -152,14 +152,15 @@ class TaskEpochs:
         self.owner, self.task, self.resume = owner, task, resume
 
     def restore(self, accelerator, model, optimizer, schedule, loader, train_loader) -> Tuple[int, List[float]]:
-        """Load the adopted state into the prepared objects; (first epoch to run, losses of the epochs done)."""
+        """Load the adopted state into the model and the prepared optimizer, scheduler and loader; (first epoch to
+        run, losses of the epochs done)."""
         if self.resume is None:
             return 0, []
         state, folder = self.resume, self.owner.folder
         try:
             weights = load_file(str(folder / MODEL_FILE))
             tensors = load_file(str(folder / OPTIMIZER_FILE))
-            accelerator.unwrap_model(model).load_state_dict(weights)
+            model.load_state_dict(weights)
             per_param: Dict[int, Dict[str, Any]] = {}
             for key, value in state["optimizer"]["state"].items():
                 per_param[int(key)] = dict(value)
@@ -202,7 +203,7 @@ class TaskEpochs:
             if torch.cuda.is_available() and torch.cuda.is_initialized():
                 for i, cuda_state in enumerate(torch.cuda.get_rng_state_all()):
                     tensors[f"rng/cuda/{i:03d}"] = cuda_state
-            weights = dict(accelerator.unwrap_model(model).state_dict())
+            weights = dict(model.state_dict())
             state = {"format": "slca-epoch", "version": 1, "identity": self.owner.identity, "task": self.task,
                      "epoch": epoch + 1, "losses": list(losses),
                      "optimizer": {"state": plain, "param_groups": _to_json(optimizer_state["param_groups"])},

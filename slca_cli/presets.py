@@ -31,93 +31,64 @@ DATASET_PRESETS: Dict[str, Dict[str, Any]] = {
 # no recipe for iBOT and DINO; they are self-supervised ViT-B/16s like MoCo v3, so they get its schedule.
 FAMILY_EPOCHS: Dict[str, Tuple[int, int]] = {"mocov3": (90, 80), "ibot": (90, 80), "dino": (90, 80)}
 
-METHOD_PRESETS: Dict[str, Dict[str, Any]] = {
-    "slca": dict(lr_backbone=1e-4, lr_head=1e-2, align=True),
-    "sl": dict(lr_backbone=1e-4, lr_head=1e-2, align=False),
-    "seqft": dict(lr_backbone=1e-2, lr_head=1e-2, align=False),
-    # The upper bound: every class in one task, the slow learner's recipe.
-    "joint": dict(lr_backbone=1e-4, lr_head=1e-2, align=False),
-    # Frozen pre-trained backbone (its own final norm), heads only.
-    "linear": dict(lr_backbone=0.0, lr_head=1e-2, align=False, fresh_norm=False),
-    # L2P (Wang et al., CVPR 2022) and DualPrompt (Wang et al., ECCV 2022), see CONTRIBUTING.md: frozen ViT,
-    # Adam at 0.03 x 128/256 with a constant schedule, no weight decay, gradient norm clipped at 1, 5 epochs
-    # on CIFAR-100. lr_backbone is the prompts' and keys' learning rate.
-    "l2p": dict(lr_backbone=0.015, lr_head=0.015, align=False, fresh_norm=False, optimizer="adam",
-                schedule="constant", weight_decay=0.0, grad_clip=1.0, epochs=5, lr_drop_epoch=None,
-                prompt_pool=10, prompt_length=5, prompt_top_k=5, matching_weight=0.1),
-    "dualprompt": dict(lr_backbone=0.015, lr_head=0.015, align=False, fresh_norm=False, optimizer="adam",
-                       schedule="constant", weight_decay=0.0, grad_clip=1.0, epochs=5, lr_drop_epoch=None,
-                       prompt_pool=10, prompt_length=5, prompt_top_k=1, g_prompt_length=5, matching_weight=1.0),
-    # SLCA++ (arXiv 2408.08295; spec section 9): LoRA + norms + biases + CLS token, symmetric cross-entropy,
-    # cosine schedule down to 1e-4, alignment with shrunk old-class samples instead of shrunk means.
-    "slca++": dict(lr_backbone=1e-3, lr_head=1e-2, lr_lora=1e-3, lr_lora_first=5e-3, align=True, schedule="cosine",
-                   min_lr=1e-4, lr_drop_epoch=None, sce_a=1.0, sce_b=0.1, lora_rank=4, lora_scale=0.8,
-                   mean_scaling="off", sample_shrink=0.02),
+# The allowed values of every setting that takes a name; checked once, in check_choice.
+CHOICES: Dict[str, Tuple[str, ...]] = {
+    "precision": ("auto", "fp32", "bf16", "fp16"),
+    "optimizer": ("sgd", "adam"),
+    "schedule": ("step", "cosine", "constant"),
+    "mean_scaling": ("task", "authors", "off"),
 }
 
-# Method presets that differ per dataset (applied after METHOD_PRESETS).
-_PROMPTS_SMALL_DATA = dict(epochs=50, lr_backbone=0.0025, lr_head=0.0025)  # DualPrompt's ImageNet-R: 0.005 x 128/256
-_SLCAPP_HALF_SCE = dict(sce_a=0.5, sce_b=0.5, weight_decay=0.0)
-METHOD_DATASET_PRESETS: Dict[Tuple[str, str], Dict[str, Any]] = {
-    **{("l2p", d): _PROMPTS_SMALL_DATA for d in ("imagenet-r", "cub200", "cars196")},
-    **{("dualprompt", d): dict(_PROMPTS_SMALL_DATA, prompt_length=20) for d in ("imagenet-r", "cub200", "cars196")},
-    ("slca++", "imagenet-r"): _SLCAPP_HALF_SCE,
-    ("slca++", "cars196"): _SLCAPP_HALF_SCE,
-}
 
-# Settings added for the methods beyond SLCA; their defaults leave seqft/sl/slca unchanged.
-METHOD_SETTINGS: Dict[str, Any] = dict(
-    optimizer="sgd", schedule="step", min_lr=0.0, grad_clip=None, sce_a=1.0, sce_b=0.0, lora_rank=0,
-    lora_scale=0.8, lr_lora=None, lr_lora_first=None, sample_shrink=0.0, prompt_pool=10, prompt_length=5,
-    prompt_top_k=5, g_prompt_length=5, matching_weight=0.1)
+def check_choice(name: str, value: str) -> str:
+    if value not in CHOICES[name]:
+        raise SlcaError(f"--{name.replace('_', '-')} must be one of {', '.join(CHOICES[name])}, got '{value}'")
+    return value
 
-MEAN_SCALING = ("task", "authors", "off")
+
+def execution(default: Any = None) -> Any:
+    """A RunConfig field that says how or where a run executes, not what it computes: outside the run's identity
+    (a --resume may change it; the report groups across it)."""
+    return field(default=default, metadata={"execution": True})
 
 
 @dataclass(frozen=True)
 class RunConfig:
-    """Every value that decides a run's numbers; written to config.json and state.json."""
+    """Every value that decides a run's numbers, and how it ran; written to config.json and state.json.
+
+    The defaults here are the paper's recipe (spec sections 4-5); dataset, backbone and method presets change
+    some of them (resolve_config). Method settings: CONTRIBUTING.md, "Methods".
+    """
 
     dataset: str
     backbone: str
     method: str
-    data_root: Optional[str]
-    weights: Optional[str]
     num_classes: int
     task_sizes: Tuple[int, ...]
-    epochs: int
-    lr_drop_epoch: Optional[int]
-    batch_size: int
-    lr_backbone: float
-    lr_head: float
-    momentum: float
-    weight_decay: float
-    align: bool
-    ca_epochs: int
-    ca_samples: int
-    ca_lr: float
-    ca_batch_size: int
-    tau: float
-    logit_norm: bool
-    mean_scaling: str
-    fresh_norm: bool
-    restore_stage1_heads: bool
-    cov_ridge: float
-    image_size: int
-    mean: Tuple[float, float, float]
-    std: Tuple[float, float, float]
-    train_per_class: Optional[int]
-    test_per_class: Optional[int]
-    precision: str
-    workers: Optional[int]
+    epochs: int = 20
+    lr_drop_epoch: Optional[int] = 18
+    batch_size: int = 128
+    lr_backbone: float = 1e-4
+    lr_head: float = 1e-2
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    align: bool = False
+    ca_epochs: int = 5
+    ca_samples: int = 256
+    ca_lr: float = 0.01
+    ca_batch_size: int = 256
+    tau: float = 0.1
+    logit_norm: bool = True
+    mean_scaling: str = "task"
+    fresh_norm: bool = True
+    restore_stage1_heads: bool = True
+    cov_ridge: float = 1e-4
+    image_size: int = 224
+    mean: Tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: Tuple[float, float, float] = (0.5, 0.5, 0.5)
+    train_per_class: Optional[int] = None
+    test_per_class: Optional[int] = None
     freeze_bn: bool = True
-    skip_bad_images: bool = False  # leave unreadable images out (listed in the run folder) instead of stopping
-    overridden: Tuple[str, ...] = field(default=())
-    # How the run executes, not what it computes (outside IDENTITY_FIELDS): torch.compile of the backbone, and
-    # the CIFAR transforms on the training device (None: on for CIFAR on a GPU; the runner records the choice).
-    compile: bool = False
-    device_augment: Optional[bool] = None
-    # Method settings (defaults in METHOD_SETTINGS; what each means: CONTRIBUTING.md, "Methods").
     optimizer: str = "sgd"
     schedule: str = "step"
     min_lr: float = 0.0
@@ -134,6 +105,17 @@ class RunConfig:
     prompt_top_k: int = 5
     g_prompt_length: int = 5
     matching_weight: float = 0.1
+    # Where the inputs are (the data's file-list checksum and the weights' sha256 are checked separately).
+    data_root: Optional[str] = execution()
+    weights: Optional[str] = execution()
+    # How the run executes: --resume may change these (e.g. --precision fp32 after a NaN).
+    precision: str = execution("auto")
+    workers: Optional[int] = execution()
+    compile: bool = execution(False)
+    device_augment: Optional[bool] = execution()  # None: on where the dataset supports it on a GPU
+    checkpoint_every: int = execution(0)
+    skip_bad_images: bool = execution(False)  # a skipped image changes the data checksum, which is checked
+    overridden: Tuple[str, ...] = execution(())  # the settings given as flags (the rest are presets)
 
     def to_dict(self) -> Dict[str, Any]:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
@@ -156,21 +138,29 @@ class RunConfig:
         return dataclasses.replace(self, **changes)
 
 
-# Fields whose difference makes a folder another experiment (checked on --resume).
-IDENTITY_FIELDS = ("dataset", "backbone", "method", "num_classes", "task_sizes", "epochs", "lr_drop_epoch",
-                   "lr_backbone", "lr_head", "align", "ca_epochs", "ca_samples", "tau", "logit_norm",
-                   "mean_scaling", "fresh_norm", "restore_stage1_heads", "image_size", "batch_size",
-                   "train_per_class", "test_per_class", "freeze_bn", *METHOD_SETTINGS)
+# Fields whose difference makes a folder another experiment (refused on --resume, separate rows in reports).
+IDENTITY_FIELDS: Tuple[str, ...] = tuple(f.name for f in dataclasses.fields(RunConfig)
+                                         if not f.metadata.get("execution"))
+SETTINGS: Tuple[str, ...] = tuple(f.name for f in dataclasses.fields(RunConfig))
+
+
+def identity(config: Dict[str, Any]) -> Dict[str, Any]:
+    """The identity fields of a stored config (None where an older version did not write one)."""
+    return {k: config.get(k) for k in IDENTITY_FIELDS}
+
+
+def _defaults() -> Dict[str, Any]:
+    return {f.name: f.default for f in dataclasses.fields(RunConfig) if f.default is not dataclasses.MISSING}
 
 
 def resolve_config(dataset: str, backbone: str, method: str, *, backbone_family: str,
                    backbone_image_size: int, backbone_mean: Tuple[float, ...], backbone_std: Tuple[float, ...],
                    num_classes: int, task_sizes: List[int], overrides: Dict[str, Any],
                    backbone_defaults: Optional[Dict[str, Any]] = None) -> RunConfig:
-    """Preset values for (dataset, backbone family, method), then the backbone's own defaults (e.g. no fresh
-    LayerNorm for a CNN), then every flag that was given on top."""
-    if method not in METHOD_PRESETS:
-        raise SlcaError(f"unknown method '{method}'; known: {', '.join(METHOD_PRESETS)}")
+    """RunConfig's defaults, then the dataset's and backbone family's schedule, the method's catalog presets, the
+    backbone's own defaults (e.g. no fresh LayerNorm for a CNN), then every flag that was given on top."""
+    from .methods.catalog import method_spec
+    spec = method_spec(method)
     given = {k: v for k, v in overrides.items() if v is not None}
     ds = DATASET_PRESETS.get(dataset, DATASET_PRESETS["folder"])
     epochs, drop = ds["epochs"], ds["lr_drop_epoch"]
@@ -179,19 +169,12 @@ def resolve_config(dataset: str, backbone: str, method: str, *, backbone_family:
     if "epochs" in given and "lr_drop_epoch" not in given and drop is not None:
         # Keep the drop at the same fraction of training when only the epoch count changes.
         drop = max(1, round(given["epochs"] * drop / epochs)) if given["epochs"] > 1 else None
-    values: Dict[str, Any] = dict(
-        dataset=dataset, backbone=backbone, method=method, data_root=None, weights=None,
-        num_classes=num_classes, task_sizes=tuple(task_sizes), epochs=epochs, lr_drop_epoch=drop,
-        batch_size=128, momentum=0.9, weight_decay=5e-4, ca_epochs=5, ca_samples=256, ca_lr=0.01,
-        ca_batch_size=256, tau=ds["tau"], logit_norm=True, mean_scaling="task", fresh_norm=True,
-        restore_stage1_heads=True, cov_ridge=1e-4, image_size=backbone_image_size,
-        mean=tuple(ds["mean"] or backbone_mean), std=tuple(ds["std"] or backbone_std),
-        train_per_class=None, test_per_class=None, precision="auto", workers=None, skip_bad_images=False,
-        freeze_bn=True, compile=False, device_augment=None,
-        **METHOD_SETTINGS,
-    )
-    values.update(METHOD_PRESETS[method])
-    values.update(METHOD_DATASET_PRESETS.get((method, dataset), {}))
+    values = _defaults()
+    values.update(dataset=dataset, backbone=backbone, method=method, num_classes=num_classes,
+                  task_sizes=tuple(task_sizes), epochs=epochs, lr_drop_epoch=drop, tau=ds["tau"],
+                  image_size=backbone_image_size, mean=tuple(ds["mean"] or backbone_mean),
+                  std=tuple(ds["std"] or backbone_std))
+    values.update(spec.preset(dataset))
     unknown = set(given) - set(values)
     if unknown:
         raise SlcaError(f"unknown setting(s) {sorted(unknown)}")
@@ -209,6 +192,8 @@ def resolve_config(dataset: str, backbone: str, method: str, *, backbone_family:
 def _check(cfg: RunConfig) -> None:
     positive = dict(epochs=cfg.epochs, batch_size=cfg.batch_size, image_size=cfg.image_size,
                     ca_samples=cfg.ca_samples, ca_batch_size=cfg.ca_batch_size)
+    if cfg.checkpoint_every < 0:
+        raise SlcaError(f"--checkpoint-every must be 0 (off) or a number of epochs, got {cfg.checkpoint_every}")
     for name, value in positive.items():
         if value < 1:
             raise SlcaError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
@@ -216,12 +201,10 @@ def _check(cfg: RunConfig) -> None:
         raise SlcaError(f"--ca-epochs must be 0 or more, got {cfg.ca_epochs}")
     if cfg.tau <= 0:
         raise SlcaError(f"--tau must be positive, got {cfg.tau}")
-    if cfg.mean_scaling not in MEAN_SCALING:
-        raise SlcaError(f"--mean-scaling must be one of {', '.join(MEAN_SCALING)}, got '{cfg.mean_scaling}'")
+    for name in CHOICES:
+        check_choice(name, getattr(cfg, name))
     if cfg.lr_backbone < 0 or cfg.lr_head <= 0:
         raise SlcaError("--lr-backbone must be >= 0 and --lr-head > 0")
-    if cfg.precision not in ("auto", "fp32", "bf16", "fp16"):
-        raise SlcaError(f"--precision must be auto, fp32, bf16 or fp16, got '{cfg.precision}'")
     for name in ("train_per_class", "test_per_class"):
         value = getattr(cfg, name)
         if value is not None and value < 1:
@@ -230,10 +213,6 @@ def _check(cfg: RunConfig) -> None:
 
 
 def _check_method_settings(cfg: RunConfig) -> None:
-    if cfg.optimizer not in ("sgd", "adam"):
-        raise SlcaError(f"--optimizer must be sgd or adam, got '{cfg.optimizer}'")
-    if cfg.schedule not in ("step", "cosine", "constant"):
-        raise SlcaError(f"--schedule must be step, cosine or constant, got '{cfg.schedule}'")
     for name in ("prompt_pool", "prompt_length", "prompt_top_k", "g_prompt_length"):
         if getattr(cfg, name) < 1:
             raise SlcaError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")

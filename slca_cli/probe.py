@@ -10,10 +10,9 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import MODEL_FILE, atomic_write_json, complete_tasks, load_tensors, read_state, task_dir_name
+from .checkpoint import atomic_write_json, complete_tasks, task_dir_name
 from .data import RemappedSubset
 from .errors import SlcaError
-from .presets import RunConfig
 
 CLASSIFIERS = ("logistic", "ridge")
 
@@ -96,21 +95,6 @@ def last_task_dir(seed_dir: Path, task: Optional[int]) -> Path:
     return seed_dir / task_dir_name(task - 1)
 
 
-def load_model(task_dir: Path):
-    """(model with the checkpoint's weights, its RunConfig, its state.json) from a task folder alone."""
-    from backbones import get_backbone
-
-    from .runner import build_model
-    state = read_state(task_dir)
-    cfg = RunConfig.from_dict(state["config"])
-    tensors = load_tensors(task_dir, MODEL_FILE, state)
-    model = build_model(cfg.replace(weights=None), get_backbone(cfg.backbone), pretrained=False, seed=0)
-    for t in range(int(state["task"]) + 1):
-        model.add_head(cfg.task_sizes[t])
-    model.load_state_dict({k: v for k, v in tensors.items() if not k.startswith("stage1_heads.")})
-    return model, cfg, state
-
-
 def collect_features(model, split, remap, classes, transform, accelerator, batch_size, workers,
                      show_progress) -> Tuple[torch.Tensor, torch.Tensor]:
     from .data.loaders import host_loader
@@ -129,15 +113,18 @@ def probe_seed(seed_dir: Path, *, data_root: Optional[str] = None, device: str =
                show_progress: bool = True) -> Dict[str, Any]:
     """Probe one seed's checkpoint after its last (or ``task``-th) task; also writes probe.json next to it."""
     from .learner import default_workers
-    from .runner import checkpoint_data, class_remap, make_accelerator
+    from .protocol import class_remap
+    from .restore import checkpoint_data, restore_model
+    from .speed import make_accelerator
     task_dir = last_task_dir(seed_dir, task)
-    model, cfg, state = load_model(task_dir)
-    data = checkpoint_data(cfg, state, task_dir, data_root)
+    model, state = restore_model(task_dir)
+    cfg = state.config
+    data = checkpoint_data(state, data_root)
     accelerator = make_accelerator(device, cfg.precision)
     model.to(accelerator.device)
-    order = state["class_order"]
+    order = state.class_order
     remap = class_remap(order)
-    seen = sum(cfg.task_sizes[: int(state["task"]) + 1])
+    seen = sum(state.seen_sizes)
     classes = list(range(seen))
     workers = default_workers(cfg.workers, data)
     size = batch_size or cfg.batch_size
@@ -146,8 +133,8 @@ def probe_seed(seed_dir: Path, *, data_root: Optional[str] = None, device: str =
                              show_progress)
     test = collect_features(model, data.test, remap, classes, None, accelerator, size, workers, show_progress)
     accuracy = probe_accuracy(train, test, seen, classifier)
-    own = state["metrics"]["task_accuracy"][int(state["task"])]
-    result = {"seed": int(state["seed"]), "task": int(state["task"]) + 1, "task_dir": str(task_dir),
+    own = state.metrics["task_accuracy"][state.task]
+    result = {"seed": state.seed, "task": state.task + 1, "task_dir": str(task_dir),
               "method": cfg.method, "dataset": cfg.dataset, "backbone": cfg.backbone, "classes": seen,
               "classifier": classifier, "train_images": len(train[1]), "test_images": len(test[1]),
               "own_accuracy": own, "probe_accuracy": accuracy, "gap": accuracy - own}

@@ -15,6 +15,14 @@ def class_order(num_classes: int, seed: int) -> List[int]:
     return [int(c) for c in np.random.permutation(num_classes)]
 
 
+def class_remap(order: List[int]) -> List[int]:
+    """``remap[c]``: the class-order position (the label the model uses) of dataset class ``c``."""
+    remap = [0] * len(order)
+    for position, original in enumerate(order):
+        remap[original] = position
+    return remap
+
+
 def resolve_task_sizes(num_classes: int, tasks: Optional[int] = None,
                        init_classes: Optional[int] = None,
                        increment: Optional[int] = None) -> List[int]:

@@ -8,21 +8,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-OPTIMIZERS = ("sgd", "adam")
-SCHEDULES = ("step", "cosine", "constant")
+from .presets import CHOICES
 
 
 @dataclass
 class TrainingRecipe:
     """Everything the stage-1 loop needs to know about a method; the loop itself stays the same for all.
 
-    ``groups`` are torch parameter groups (each with its ``lr``); only their parameters train. The schedule
-    steps once per epoch: ``step`` divides every lr by 10 after ``lr_drop_epoch`` epochs, ``cosine`` anneals
+    ``groups`` are torch parameter groups (each with its ``lr``); only their parameters train, for ``epochs``
+    epochs. The schedule steps once per epoch: ``step`` divides every lr by 10 after ``lr_drop_epoch`` epochs, ``cosine`` anneals
     to ``min_lr`` over the task, ``constant`` keeps it. ``frozen_modules`` stay in eval mode while training,
-    so a frozen backbone's BatchNorm statistics and dropout do not move either.
+    so a frozen backbone's BatchNorm statistics and dropout do not move either; ``freeze_bn`` keeps every
+    BatchNorm's running statistics (CNN backbones).
     """
 
     groups: List[Dict[str, Any]]
+    epochs: int = 1
     optimizer: str = "sgd"
     momentum: float = 0.9
     weight_decay: float = 5e-4
@@ -32,6 +33,7 @@ class TrainingRecipe:
     grad_clip: Optional[float] = None
     loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy
     frozen_modules: Sequence[nn.Module] = field(default_factory=tuple)
+    freeze_bn: bool = False
 
     def parameters(self) -> Iterator[nn.Parameter]:
         for group in self.groups:
@@ -43,8 +45,9 @@ class TrainingRecipe:
         for p in self.parameters():
             p.requires_grad_(True)
 
-    def make(self, epochs: int):
+    def make(self):
         """(optimizer, per-epoch scheduler)."""
+        epochs = self.epochs
         groups = [dict(g, params=list(g["params"])) for g in self.groups if len(list(g["params"]))]
         if self.optimizer == "sgd":
             optimizer = torch.optim.SGD(groups, lr=groups[0]["lr"], momentum=self.momentum,
@@ -53,7 +56,7 @@ class TrainingRecipe:
             optimizer = torch.optim.Adam(groups, lr=groups[0]["lr"], betas=(0.9, 0.999),
                                          weight_decay=self.weight_decay)
         else:
-            raise ValueError(f"unknown optimizer {self.optimizer!r}; known: {', '.join(OPTIMIZERS)}")
+            raise ValueError(f"unknown optimizer {self.optimizer!r}; known: {', '.join(CHOICES['optimizer'])}")
         if self.schedule == "step":
             milestones = [self.lr_drop_epoch] if self.lr_drop_epoch and self.lr_drop_epoch < epochs else []
             schedule = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=0.1)
@@ -63,16 +66,6 @@ class TrainingRecipe:
         elif self.schedule == "constant":
             schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 1.0)
         else:
-            raise ValueError(f"unknown schedule {self.schedule!r}; known: {', '.join(SCHEDULES)}")
+            raise ValueError(f"unknown schedule {self.schedule!r}; known: {', '.join(CHOICES['schedule'])}")
         return optimizer, schedule
 
-
-def paper_recipe(model, task: int, *, lr_backbone: float, lr_head: float, momentum: float, weight_decay: float,
-                 lr_drop_epoch: Optional[int]) -> TrainingRecipe:
-    """The seed paper's stage 1: SGD on the whole backbone (``lr_backbone``, 0 = frozen) and the current head."""
-    groups = [{"params": list(model.task_heads[task].parameters()), "lr": lr_head}]
-    if lr_backbone > 0:
-        groups.insert(0, {"params": list(model.backbone.parameters()), "lr": lr_backbone})
-    return TrainingRecipe(groups=groups, optimizer="sgd", momentum=momentum, weight_decay=weight_decay,
-                          schedule="step", lr_drop_epoch=lr_drop_epoch,
-                          frozen_modules=(model.backbone,) if lr_backbone == 0 else ())

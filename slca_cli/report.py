@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from .errors import SlcaError
+from .methods import METHODS
+from .presets import identity
 
 # Spec section 7: ViT-B/16 IN21K, 10 tasks, mean of 3 seeds. (Last-Acc, Inc-Acc or None); * = from a figure.
 PAPER_RESULTS: Dict[Tuple[str, str], Tuple[float, Optional[float], bool]] = {
@@ -32,12 +34,7 @@ PAPER_RESULTS: Dict[Tuple[str, str], Tuple[float, Optional[float], bool]] = {
 PAPER_NOTE = ("published numbers (ViT-B/16 IN21K, 10 tasks, mean of 3 seeds; * read from a figure in the "
               "authors' repository)")
 
-METHOD_LABELS = {"seqft": "Seq FT", "sl": "SL", "slca": "SLCA", "joint": "Joint", "linear": "Linear",
-                 "l2p": "L2P", "dualprompt": "DualPrompt", "slca++": "SLCA++"}
-ALIGNING_METHODS = ("slca", "slca++")
 ABLATION_ROWS = ("SL", "SL+CA", "SL+CA+LN")
-# Config fields that do not change the experiment (where files are, how it ran).
-NON_IDENTITY = ("data_root", "weights", "workers", "precision", "overridden")
 
 
 @dataclass
@@ -112,9 +109,10 @@ class Group:
 def method_label(config: Dict[str, Any]) -> str:
     """A row name: the method, plus what alignment flags add to or remove from it (SL+CA, SL+CA+LN...)."""
     method = config["method"]
-    label = METHOD_LABELS.get(method, method)
+    spec = METHODS.get(method)
+    label = spec.label if spec else method
     align, logit_norm = config.get("align"), config.get("logit_norm", True)
-    if method in ALIGNING_METHODS:
+    if spec is not None and spec.aligns:
         if not align:
             return f"{label} (no CA)"
         return label if logit_norm else f"{label} (no LN)"
@@ -124,7 +122,8 @@ def method_label(config: Dict[str, Any]) -> str:
 
 
 def experiment_key(config: Dict[str, Any]) -> str:
-    return json.dumps({k: v for k, v in config.items() if k not in NON_IDENTITY}, sort_keys=True)
+    """Runs with equal run identity (presets.IDENTITY_FIELDS) are seeds of one experiment."""
+    return json.dumps(identity(config), sort_keys=True)
 
 
 def find_seed_runs(paths: Iterable[Path], warn: Callable[[str], None] = print) -> List[SeedRun]:
@@ -186,7 +185,7 @@ def group_runs(runs: Sequence[SeedRun]) -> List[Group]:
     for group in result:
         group.runs.sort(key=lambda r: r.seed)
     _disambiguate(result)
-    order = list(METHOD_LABELS)
+    order = list(METHODS)
     result.sort(key=lambda g: (g.dataset, g.backbone, order.index(g.method) if g.method in order else len(order),
                                g.label))
     return result

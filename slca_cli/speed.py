@@ -8,8 +8,9 @@ import torch
 from torch import nn
 
 from .errors import SlcaError
+from .presets import check_choice
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+DEVICES = ("auto", "cpu", "cuda")
 _TO_ACCELERATE = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 
 
@@ -18,9 +19,7 @@ def resolve_precision(precision: str, on_gpu: bool, bf16_supported: Optional[boo
     or fp16, else bf16 on a GPU that supports it, else fp32 (CPU bf16 is slower than fp32 without AMX). The
     launcher's ``no`` is its default whenever nothing was configured, so it does not force fp32 (--precision
     fp32 does)."""
-    if precision not in PRECISIONS:
-        raise SlcaError(f"--precision must be one of {', '.join(PRECISIONS)}, got '{precision}'")
-    if precision != "auto":
+    if check_choice("precision", precision) != "auto":
         return precision
     launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "").lower()
     if launched in ("fp16", "bf16"):
@@ -28,6 +27,27 @@ def resolve_precision(precision: str, on_gpu: bool, bf16_supported: Optional[boo
     if bf16_supported is None:
         bf16_supported = on_gpu and torch.cuda.is_bf16_supported()
     return "bf16" if on_gpu and bf16_supported else "fp32"
+
+
+def make_accelerator(device: str, precision: str):
+    """The Accelerator owns devices, precision and gradient sync (see ``resolve_precision`` for ``auto``).
+
+    ``--batch-size`` stays the global batch under several processes (``split_batches``): each process trains on
+    its slice, so the optimization matches a one-process run.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration
+    if device not in DEVICES:
+        raise SlcaError(f"--device must be one of {', '.join(DEVICES)}, got '{device}'")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SlcaError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu or auto")
+    launched_on_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    on_gpu = device != "cpu" and not launched_on_cpu and torch.cuda.is_available()
+    precision = resolve_precision(precision, on_gpu)
+    accelerator = Accelerator(cpu=device == "cpu", mixed_precision=accelerate_mixed_precision(precision),
+                              dataloader_config=DataLoaderConfiguration(split_batches=True))
+    enable_fp16_on_cpu(accelerator)
+    return accelerator
 
 
 def accelerate_mixed_precision(precision: str) -> str:

@@ -8,7 +8,7 @@ import binascii
 import dataclasses
 import re
 from pathlib import Path
-from typing import Any, Dict, Union, get_args, get_origin, get_type_hints
+from typing import Any, Union, get_args, get_origin, get_type_hints
 
 from .errors import SlcaError
 from .presets import RunConfig
@@ -92,8 +92,8 @@ def check_rng(rng: Any) -> bool:
             and isinstance(cached, (int, float)) and len(torch_state) > 0)
 
 
-def check_task_state(state: Any, path: Path) -> Dict[str, Any]:
-    """Validate a task's state.json (already parsed); returns it unchanged or raises a SlcaError naming the field."""
+def check_task_state(state: Any, path: Path) -> RunConfig:
+    """Validate a task's state.json (already parsed): its RunConfig, or a SlcaError naming the bad field."""
     def bad(field: str) -> SlcaError:
         return SlcaError(f"{path} is damaged (field '{field}' is missing or malformed); resume from an earlier "
                          f"task or re-run this one")
@@ -110,6 +110,8 @@ def check_task_state(state: Any, path: Path) -> Dict[str, Any]:
     cfg = config_from_state(state.get("config"), path)
     if task >= cfg.num_tasks:
         raise bad("task")
+    if not _is_int(state.get("seed")):
+        raise bad("seed")
     sha = state["sha256"]
     if not isinstance(sha, dict) or not all(isinstance(v, str) and SHA256.match(v) for v in sha.values()):
         raise bad("sha256")
@@ -138,7 +140,7 @@ def check_task_state(state: Any, path: Path) -> Dict[str, Any]:
         raise bad("data_fingerprint")
     if not check_rng(state.get("rng")):
         raise bad("rng")
-    return state
+    return cfg
 
 
 def stored_data_root(cfg: RunConfig, state_path: Path) -> Union[str, None]:

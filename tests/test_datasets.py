@@ -224,7 +224,7 @@ def test_cars_folder_layout_from_a_nested_zip_copy(tmp_path):
                                           ({"init_classes": 4, "increment": 1}, [4, 1, 1]),
                                           ({"tasks": 4, "init_classes": 3}, [3, 1, 1, 1])])
 def test_folder_tasks_and_increment(tmp_path, flags, sizes):
-    from slca_cli.runner import resolve_run
+    from slca_cli.resolve import resolve_run
     root = write_image_tree(tmp_path, [f"c{i}" for i in range(6)], per_split=(1, 1))
     cfg, data = resolve_run("folder", "vit-tiny-test", "slca", dict(data_root=str(root), **flags))
     assert list(cfg.task_sizes) == sizes and data.num_classes == 6
@@ -345,7 +345,7 @@ def test_train_on_imagenet_r_records_the_split_in_the_run_folder(imagenet_r_tree
 @pytest.mark.parametrize("dataset, sizes, tau", [("imagenet-r", [20] * 10, 0.1), ("cub200", [20] * 10, 0.1),
                                                  ("cars196", [20] * 9 + [16], 0.05)])
 def test_benchmarks_resolve_to_the_protocol(tmp_path, imagenet_r_tree, dataset, sizes, tau):
-    from slca_cli.runner import resolve_run
+    from slca_cli.resolve import resolve_run
     root = {"imagenet-r": lambda: imagenet_r_tree, "cub200": lambda: write_cub(tmp_path),
             "cars196": lambda: write_cars_devkit(tmp_path)}[dataset]()
     cfg, data = resolve_run(dataset, "vit-tiny-test", "slca", {"data_root": str(root)})

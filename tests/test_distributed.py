@@ -124,8 +124,9 @@ def test_accelerate_config_decides_whether_slca_train_relaunches(tmp_path, monke
     assert launcher_command(argv) is None  # one process: just run here
     default.write_text(TWO_PROCESS_CONFIG)
     command = launcher_command(argv)
-    assert command[1:5] == ["-m", "accelerate.commands.launch", "--config_file", str(default)]
-    assert command[-3:] == argv[1:] and command[-5:-3] == ["-m", "slca_cli"]
+    assert command.config_file == default
+    assert command.argv[1:5] == ["-m", "accelerate.commands.launch", "--config_file", str(default)]
+    assert command.argv[-3:] == argv[1:] and command.argv[-5:-3] == ["-m", "slca_cli"]
     assert launcher_command(argv + ["--accelerate-config", "none"]) is None
     assert launcher_command(["slca", "eval", "x"]) is None
     single = tmp_path / "one.yaml"

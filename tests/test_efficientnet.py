@@ -84,6 +84,7 @@ def test_batchnorm_statistics_stay_frozen_in_the_slow_learner(freeze):
     from torch.utils.data import DataLoader, TensorDataset
 
     from slca_cli.learner import fit_task
+    from slca_cli.recipe import TrainingRecipe
     from slca_cli.model import ContinualModel
 
     torch.manual_seed(0)
@@ -92,8 +93,10 @@ def test_batchnorm_statistics_stay_frozen_in_the_slow_learner(freeze):
     stats_before = {k: v.clone() for k, v in model.state_dict().items() if "running_" in k}
     weights_before = model.backbone.bn2.weight.detach().clone()
     loader = DataLoader(TensorDataset(torch.randn(8, 3, 32, 32) * 3 + 1, torch.tensor([0, 1] * 4)), batch_size=4)
-    fit_task(model, loader, Accelerator(cpu=True), task=0, label_offset=0, epochs=1, lr_backbone=0.01, lr_head=0.01,
-             momentum=0.9, weight_decay=5e-4, lr_drop_epoch=None, freeze_bn=freeze, show_progress=False)
+    groups = [{"params": list(model.backbone.parameters()), "lr": 0.01},
+              {"params": list(model.task_heads[0].parameters()), "lr": 0.01}]
+    fit_task(model, loader, Accelerator(cpu=True), TrainingRecipe(groups, epochs=1, freeze_bn=freeze), task=0,
+             label_offset=0, show_progress=False)
     after = model.state_dict()
     moved = [k for k, v in stats_before.items() if not torch.equal(after[k], v)]
     assert moved == [] if freeze else len(moved) == len(stats_before)

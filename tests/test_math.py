@@ -2,7 +2,8 @@
 import numpy as np
 import torch
 
-from slca_cli.alignment import (class_tasks, cholesky_factors, mean_scale, normalize_logits, sample_features)
+from slca_cli.alignment import class_tasks, mean_scale, normalize_logits, sample_features
+from slca_cli.statistics import cholesky_factors
 from slca_cli.metrics import forgetting, summarize
 from slca_cli.statistics import ClassStatistics
 

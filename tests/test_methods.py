@@ -8,9 +8,10 @@ from safetensors.torch import load_file
 from torch import nn
 
 from conftest import TINY, assert_one_line_error, read_json
+from slca_cli.methods import method_names
 
 SMALL = ["--tasks", 2, "--epochs", 1, "--num-classes", 4, "--train-per-class", 8, "--test-per-class", 4]
-METHODS = ["seqft", "sl", "slca", "joint", "linear", "l2p", "dualprompt", "slca++"]
+METHODS = method_names()
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,8 @@ from safetensors.torch import load_file
 
 from backbones import get_backbone
 from slca_cli.presets import RunConfig
-from slca_cli.runner import build_model, resolve_run
+from slca_cli.resolve import resolve_run
+from slca_cli.restore import build_model
 from slca_cli.speed import enable_fused_attention, resolve_precision
 
 from conftest import REPO, TINY, read_json, run_subprocess
@@ -41,7 +42,7 @@ def test_fp16_on_cpu_autocasts_and_scales_the_loss():
     """accelerate alone would silently train fp16 in fp32 on CPU; ours autocasts and uses a GradScaler."""
     script = textwrap.dedent("""
         import torch
-        from slca_cli.runner import make_accelerator
+        from slca_cli.speed import make_accelerator
         acc = make_accelerator("cpu", "fp16")
         assert acc.mixed_precision == "fp16" and isinstance(acc.scaler, torch.amp.GradScaler)
         torch.manual_seed(0)

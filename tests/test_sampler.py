@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slca_cli.alignment import (align_classifier, class_tasks, mean_scale, normalize_logits, sample_features,
+from slca_cli.alignment import (AlignmentRecipe, align_classifier, class_tasks, mean_scale, normalize_logits, sample_features,
                                 task_membership)
 from slca_cli.statistics import cholesky_factors
 
@@ -69,25 +69,13 @@ def test_stacked_head_alignment_is_the_same_optimization_as_per_head_training():
     reference = copy.deepcopy(heads)
     kwargs = dict(epochs=3, per_class=20, batch=16, lr=0.05, tau=0.1)
     chol = cholesky_factors(covs)
-    align_classifier(heads, means, None, sizes, chol=chol, epochs=3, samples_per_class=20, batch_size=16,
-                     lr=0.05, tau=0.1, generator=torch.Generator().manual_seed(9))
+    align_classifier(heads, means, chol, sizes, AlignmentRecipe(epochs=3, samples_per_class=20, batch_size=16,
+                                                                 lr=0.05, tau=0.1),
+                     generator=torch.Generator().manual_seed(9))
     per_head_alignment(reference, means, chol, sizes, generator=torch.Generator().manual_seed(9), **kwargs)
     for ours, ref in zip(heads, reference):
         torch.testing.assert_close(ours.weight, ref.weight, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(ours.bias, ref.bias, rtol=1e-5, atol=1e-6)
-
-
-def test_alignment_from_covariances_equals_alignment_from_cached_factors():
-    sizes = [2, 2]
-    means, covs = random_gaussians(4, 5, seed=4)
-    torch.manual_seed(0)
-    a = nn.ModuleList([nn.Linear(5, 2), nn.Linear(5, 2)])
-    b = copy.deepcopy(a)
-    align_classifier(a, means, covs, sizes, epochs=2, samples_per_class=8, generator=torch.Generator().manual_seed(1))
-    align_classifier(b, means, None, sizes, chol=cholesky_factors(covs), epochs=2, samples_per_class=8,
-                     generator=torch.Generator().manual_seed(1))
-    for x, y in zip(a.parameters(), b.parameters()):
-        assert torch.equal(x, y)
 
 
 def test_task_membership_marks_each_task_block():

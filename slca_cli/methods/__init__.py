@@ -1,22 +1,18 @@
-"""Method registry: ``--method NAME`` -> a policy object the task loop consults (see base.Method)."""
+"""Methods: ``--method NAME`` -> its catalog entry (torch-free) and the policy object the task loop consults."""
 from __future__ import annotations
 
-from typing import Dict
+import importlib
+from functools import lru_cache
 
-from ..errors import SlcaError
-from .base import Method
-from .finetune import SLCA, Joint, Linear, SeqFT, SlowLearner
-from .prompts import L2P, DualPrompt
-from .slcapp import SLCAPlusPlus
-
-METHODS: Dict[str, Method] = {m.name: m for m in (SLCA(), SlowLearner(), SeqFT(), Joint(), Linear(), L2P(),
-                                                   DualPrompt(), SLCAPlusPlus())}
+from .catalog import CATALOG, METHODS, MethodSpec, method_names, method_spec
 
 
-def get_method(name: str) -> Method:
-    if name not in METHODS:
-        raise SlcaError(f"unknown method '{name}'; known: {', '.join(METHODS)}")
-    return METHODS[name]
+@lru_cache(maxsize=None)
+def get_method(name: str):
+    """The ``base.Method`` instance of a catalog entry; its module is imported here, on first use."""
+    spec = method_spec(name)
+    module, cls = spec.implementation.split(":")
+    return getattr(importlib.import_module(f"{__name__}.{module}"), cls)(spec)
 
 
-__all__ = ["METHODS", "Method", "get_method"]
+__all__ = ["CATALOG", "METHODS", "MethodSpec", "get_method", "method_names", "method_spec"]

@@ -3,29 +3,34 @@ from __future__ import annotations
 
 from typing import Callable, List, Optional
 
-import torch
 from torch import nn
 
+from ..alignment import AlignmentRecipe
+from ..errors import SlcaError
 from ..presets import RunConfig
 from ..recipe import TrainingRecipe
+from .catalog import MethodSpec
 from .losses import classification_loss
+
+VIT_PARTS = ("patch_embed", "_pos_embed", "blocks", "norm", "num_prefix_tokens", "embed_dim")
 
 
 class Method:
-    """The hooks of one task loop (runner.run_seed); every hook's default is what seqft / sl / slca do.
+    """The hooks of one task loop (runner.run_seed); every hook's default is what seqft / sl / slca do. Name,
+    label, presets and backbone needs are the method's catalog entry (``self.spec``, catalog.py).
 
     - ``task_sizes``: how the classes are split (``joint`` puts all in one task).
     - ``check_backbone``: refuse backbones the method cannot use, before anything is written.
     - ``wrap_backbone``: add the method's parameters (prompts, LoRA); they live under ``backbone.`` in
       model.safetensors, so checkpoints, ``slca eval`` and ``--resume`` rebuild them from the folder alone.
     - ``start_task``: per-task state (which E-prompt trains, LoRA initialization).
-    - ``recipe``: which parameters train at what lr, optimizer, schedule, loss (None = the paper's SGD).
-    - ``sample_transform`` / ``after_alignment``: changes to classifier alignment.
+    - ``recipe``: which parameters train at what lr, optimizer, schedule, loss.
+    - ``alignment`` / ``after_alignment``: how classifier alignment runs, and what follows it.
     """
 
-    name = "slca"
-    label = "SLCA"
-    description = "slow learner (backbone lr 1e-4, head 1e-2) + classifier alignment"
+    def __init__(self, spec: MethodSpec):
+        self.spec = spec
+        self.name = spec.name
 
     def task_sizes(self, sizes: List[int], num_classes: int) -> List[int]:
         return sizes
@@ -34,8 +39,10 @@ class Method:
         """Settings that depend on the resolved run (e.g. the number of tasks)."""
         return cfg
 
-    def check_backbone(self, backbone_name: str, build_probe: Callable[[], nn.Module]) -> None:
+    def check_backbone(self, backbone_name: str, build_probe: Callable[[], Optional[nn.Module]]) -> None:
         """``build_probe()`` gives the backbone without weights (on the meta device) for inspection."""
+        if self.spec.needs_vit:
+            require_vit(self.name, backbone_name, build_probe())
 
     def wrap_backbone(self, backbone: nn.Module, cfg: RunConfig) -> nn.Module:
         return backbone
@@ -43,7 +50,7 @@ class Method:
     def start_task(self, model: nn.Module, task: int, cfg: RunConfig) -> None:
         pass
 
-    def recipe(self, model: nn.Module, task: int, cfg: RunConfig) -> Optional[TrainingRecipe]:
+    def recipe(self, model: nn.Module, task: int, cfg: RunConfig) -> TrainingRecipe:
         """The whole backbone at ``lr_backbone`` (0 = frozen, kept in eval mode) and the current head."""
         groups = [{"params": list(model.task_heads[task].parameters()), "lr": cfg.lr_head}]
         if cfg.lr_backbone > 0:
@@ -51,10 +58,9 @@ class Method:
         frozen = (model.backbone,) if cfg.lr_backbone == 0 else ()
         return recipe_from_config(groups, cfg, frozen_modules=frozen)
 
-    def sample_transform(self, task_sizes: List[int], cfg: RunConfig
-                         ) -> Optional[Callable[[torch.Tensor, torch.Tensor, torch.Generator], torch.Tensor]]:
-        """``f(features, labels, generator) -> features`` applied to every batch of sampled features."""
-        return None
+    def alignment(self, task_sizes: List[int], cfg: RunConfig) -> AlignmentRecipe:
+        """Classifier alignment over the seen classes (``task_sizes``; the last is the current task)."""
+        return alignment_from_config(cfg)
 
     def after_alignment(self, model: nn.Module, task_sizes: List[int], cfg: RunConfig) -> None:
         pass
@@ -62,8 +68,29 @@ class Method:
 
 def recipe_from_config(groups, cfg: RunConfig, **changes) -> TrainingRecipe:
     """A recipe over explicit parameter groups with the run's optimizer, schedule, clipping and loss settings."""
-    values = dict(groups=groups, optimizer=cfg.optimizer, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                  schedule=cfg.schedule, lr_drop_epoch=cfg.lr_drop_epoch, min_lr=cfg.min_lr,
-                  grad_clip=cfg.grad_clip, loss=classification_loss(cfg))
+    values = dict(groups=groups, epochs=cfg.epochs, optimizer=cfg.optimizer, momentum=cfg.momentum,
+                  weight_decay=cfg.weight_decay, schedule=cfg.schedule, lr_drop_epoch=cfg.lr_drop_epoch,
+                  min_lr=cfg.min_lr, grad_clip=cfg.grad_clip, loss=classification_loss(cfg), freeze_bn=cfg.freeze_bn)
     values.update(changes)
     return TrainingRecipe(**values)
+
+
+def alignment_from_config(cfg: RunConfig, **changes) -> AlignmentRecipe:
+    """The run's alignment settings (spec section 5); momentum and weight decay are stage 1's."""
+    values = dict(epochs=cfg.ca_epochs, samples_per_class=cfg.ca_samples, batch_size=cfg.ca_batch_size,
+                  lr=cfg.ca_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, tau=cfg.tau,
+                  logit_norm=cfg.logit_norm, mean_scaling=cfg.mean_scaling)
+    values.update(changes)
+    return AlignmentRecipe(**values)
+
+
+def is_vit(module: nn.Module) -> bool:
+    return all(hasattr(module, part) for part in VIT_PARTS)
+
+
+def require_vit(method: str, backbone_name: str, module: Optional[nn.Module]) -> None:
+    """Refuse a backbone without transformer blocks (``module`` None: not inspectable here, checked later)."""
+    if module is not None and not is_vit(module):
+        raise SlcaError(f"--method {method} needs a ViT backbone (it changes transformer blocks); {backbone_name} "
+                        f"is a {type(module).__name__}: use --backbone vit-b16-in21k (or vit-tiny-test for a "
+                        f"smoke run)")

@@ -1,4 +1,5 @@
-"""Methods that fine-tune (or freeze) the backbone itself: seqft, sl, slca, joint and linear."""
+"""Methods that fine-tune (or freeze) the backbone itself: seqft, sl, slca, joint and linear; their settings are
+catalog entries (catalog.py), their behaviour the defaults of base.Method."""
 from __future__ import annotations
 
 from typing import List
@@ -7,25 +8,19 @@ from .base import Method
 
 
 class SeqFT(Method):
-    name, label = "seqft", "Seq FT"
-    description = "sequential fine-tuning, one learning rate (1e-2) for backbone and head: the lower baseline"
+    """Sequential fine-tuning: the slow learner's loop at one learning rate (the catalog's preset)."""
 
 
 class SlowLearner(Method):
-    name, label = "sl", "SL"
-    description = "slow learner only: backbone lr 1e-4, head 1e-2, no alignment"
+    """The slow learner alone: no classifier alignment."""
 
 
 class SLCA(Method):
-    name, label = "slca", "SLCA"
-    description = "slow learner + classifier alignment (the paper's method)"
+    """Slow learner + classifier alignment: the default hooks."""
 
 
 class Joint(Method):
     """All classes in one task with the slow learner's recipe: the upper bound of the comparison."""
-
-    name, label = "joint", "Joint"
-    description = "all classes in one task, the slow learner's recipe: the upper bound"
 
     def task_sizes(self, sizes: List[int], num_classes: int) -> List[int]:
         return [num_classes]
@@ -33,6 +28,3 @@ class Joint(Method):
 
 class Linear(Method):
     """Frozen pre-trained backbone (lr 0, eval mode, its own final norm); only the per-task heads train."""
-
-    name, label = "linear", "Linear"
-    description = "frozen pre-trained backbone, heads only (backbone lr 0)"

@@ -6,7 +6,7 @@ the queries. Numbers and their sources: CONTRIBUTING.md, "Methods".
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -15,10 +15,7 @@ from torch import nn
 from ..errors import SlcaError
 from ..presets import RunConfig
 from ..recipe import TrainingRecipe
-from .base import Method, recipe_from_config
-
-VIT_PARTS = ("patch_embed", "_pos_embed", "blocks", "norm", "num_prefix_tokens", "embed_dim")
-
+from .base import Method, recipe_from_config, require_vit
 
 # ---- the matching math (pure) ----
 
@@ -41,17 +38,6 @@ def matching_loss(similarity: torch.Tensor, indices: torch.Tensor) -> torch.Tens
 
 
 # ---- ViT plumbing ----
-
-def is_vit(module: nn.Module) -> bool:
-    return all(hasattr(module, part) for part in VIT_PARTS)
-
-
-def require_vit(method: str, backbone_name: str, module: Optional[nn.Module]) -> None:
-    if module is not None and not is_vit(module):
-        raise SlcaError(f"--method {method} needs a ViT backbone (prompts are transformer tokens); {backbone_name} "
-                        f"is a {type(module).__name__}: use --backbone vit-b16-in21k (or vit-tiny-test for a "
-                        f"smoke run)")
-
 
 def embed_tokens(vit: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """Patch embedding + class token + position embedding, as the ViT's own forward does."""
@@ -182,9 +168,6 @@ class DualPromptBackbone(nn.Module):
 class PromptMethod(Method):
     """Shared policy of L2P and DualPrompt: frozen ViT, prompts + keys + current head train with Adam."""
 
-    def check_backbone(self, backbone_name: str, build_probe: Callable[[], nn.Module]) -> None:
-        require_vit(self.name, backbone_name, build_probe())
-
     def prompted(self, model: nn.Module) -> nn.Module:
         return model.backbone
 
@@ -207,18 +190,12 @@ class PromptMethod(Method):
 
 
 class L2P(PromptMethod):
-    name, label = "l2p", "L2P"
-    description = "L2P: frozen ViT, pool of 10 prompts (length 5), top-5 by key matching, prompt tuning"
-
     def wrap_backbone(self, backbone: nn.Module, cfg: RunConfig) -> nn.Module:
         require_vit(self.name, cfg.backbone, backbone)
         return L2PBackbone(backbone, cfg.prompt_pool, cfg.prompt_length, cfg.prompt_top_k)
 
 
 class DualPrompt(PromptMethod):
-    name, label = "dualprompt", "DualPrompt"
-    description = "DualPrompt: frozen ViT, G-prompt (blocks 1-2) + task E-prompts (blocks 3-5), prefix tuning"
-
     def finalize_config(self, cfg: RunConfig) -> RunConfig:
         """One E-prompt per task, as in the paper (pool 10 for 10 tasks), unless --prompt-pool says otherwise."""
         if "prompt_pool" not in cfg.overridden:

@@ -2,16 +2,16 @@
 alignment that shrinks sampled old-class features instead of their means."""
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 from torch import nn
 
 from ..presets import RunConfig
 from ..recipe import TrainingRecipe
-from .base import Method, recipe_from_config
+from ..alignment import AlignmentRecipe
+from .base import Method, alignment_from_config, recipe_from_config
 from .lora import inject_lora, lora_layers
-from .prompts import require_vit
 
 # Backbone parameters the hybrid slow learner trains besides LoRA (matched against parameter names).
 HYBRID_TRAINABLE = ("norm", "bias", "cls_token")
@@ -39,13 +39,6 @@ def inference_scales(task_sizes: Sequence[int], mu: float) -> List[float]:
 
 
 class SLCAPlusPlus(Method):
-    name, label = "slca++", "SLCA++"
-    description = ("SLCA++: LoRA (rank 4) + norms/biases/CLS token train, symmetric CE, cosine lr, alignment "
-                   "with shrunk old-class samples")
-
-    def check_backbone(self, backbone_name: str, build_probe: Callable[[], nn.Module]) -> None:
-        require_vit(self.name, backbone_name, build_probe())
-
     def wrap_backbone(self, backbone: nn.Module, cfg: RunConfig) -> nn.Module:
         if cfg.lora_rank > 0:
             inject_lora(backbone, cfg.lora_rank, cfg.lora_scale)
@@ -68,13 +61,16 @@ class SLCAPlusPlus(Method):
                   {"params": list(model.task_heads[task].parameters()), "lr": cfg.lr_head}]
         return recipe_from_config(groups, cfg)
 
-    def sample_transform(self, task_sizes: List[int], cfg: RunConfig):
+    def alignment(self, task_sizes: List[int], cfg: RunConfig) -> AlignmentRecipe:
+        """Old-class samples shrunk towards the origin (``--sample-shrink``) instead of shrunk means."""
+        recipe = alignment_from_config(cfg)
         if not cfg.sample_shrink:
-            return None
+            return recipe
         class_task = class_task_index(task_sizes)
         current = len(task_sizes) - 1
-        return lambda features, labels, generator: shrink_old_samples(features, labels, class_task, current,
-                                                                       cfg.sample_shrink, generator)
+        recipe.sample_transform = lambda features, labels, generator: shrink_old_samples(
+            features, labels, class_task, current, cfg.sample_shrink, generator)
+        return recipe
 
     @torch.no_grad()
     def after_alignment(self, model: nn.Module, task_sizes: List[int], cfg: RunConfig) -> None:

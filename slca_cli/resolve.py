@@ -1,0 +1,59 @@
+"""From flags to a run: the dataset loaded, the tasks split, the presets filled in, the method's checks passed."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+
+from backbones import BackboneSpec, get_backbone
+
+from .data import DatasetSplits, attach_transforms, load_dataset
+from .methods import get_method
+from .presets import RunConfig, resolve_config, task_split_request
+from .protocol import resolve_task_sizes
+
+
+def load_data_for(cfg: RunConfig, data_root: Optional[str]) -> DatasetSplits:
+    """The dataset of a resolved run, with its transforms (``data_root``: where it is now)."""
+    data = load_dataset(cfg.dataset, data_root, cfg.num_classes if cfg.dataset == "synthetic" else None,
+                        cfg.train_per_class, cfg.test_per_class, cfg.skip_bad_images)
+    attach_transforms(data, cfg.image_size, cfg.mean, cfg.std)
+    return data
+
+
+def resolve_run(dataset: str, backbone: str, method: str, flags: Dict[str, Any]) -> Tuple[RunConfig, DatasetSplits]:
+    """Flags -> (RunConfig, dataset with transforms): load the data, split the tasks, fill in the presets."""
+    spec = get_backbone(backbone)
+    flags = dict(flags)
+    num_classes = flags.pop("num_classes", None)
+    split = task_split_request(dataset, flags.pop("tasks", None), flags.pop("init_classes", None),
+                               flags.pop("increment", None))
+    data = load_dataset(dataset, flags.get("data_root"), num_classes, flags.get("train_per_class"),
+                        flags.get("test_per_class"), bool(flags.get("skip_bad_images")))
+    policy = get_method(method)
+    sizes = policy.task_sizes(resolve_task_sizes(data.num_classes, *split), data.num_classes)
+    cfg = resolve_config(dataset, spec.name, method, backbone_family=spec.family,
+                         backbone_image_size=spec.image_size, backbone_mean=spec.mean, backbone_std=spec.std,
+                         num_classes=data.num_classes, task_sizes=sizes, overrides=flags,
+                         backbone_defaults=dict(spec.defaults))
+    cfg = policy.finalize_config(cfg)
+    policy.check_backbone(spec.name, lambda: _probe_backbone(spec))
+    if dataset == "synthetic":
+        cfg = cfg.replace(train_per_class=len(data.train) // data.num_classes,
+                          test_per_class=len(data.test) // data.num_classes)
+    if cfg.weights:
+        cfg = cfg.replace(weights=str(Path(cfg.weights).expanduser().resolve()))
+    if cfg.data_root:  # absolute, so that `slca eval` finds the data from any folder
+        cfg = cfg.replace(data_root=str(Path(cfg.data_root).expanduser().resolve()))
+    attach_transforms(data, cfg.image_size, cfg.mean, cfg.std)
+    return cfg, data
+
+
+def _probe_backbone(spec: BackboneSpec):
+    """The backbone's modules without weights (meta device: no memory, no download), for method checks."""
+    try:
+        with torch.device("meta"):
+            return spec.build(None, False)
+    except Exception:  # a builder that cannot run on the meta device: the check happens when the model is built
+        return None
