@@ -49,7 +49,7 @@ slca train --dataset cifar100 --backbone vit-b16-in21k
 
 slca train --dataset imagenet-r --backbone ibot --method sl --seed 1996
 
-slca train --dataset synthetic --backbone vit-tiny-test --epochs 1 --device cpu"""
+slca train --dataset synthetic --backbone vit-tiny-test --device cpu"""
 
 
 def _option(panel: str, help: str, *names: str, default=None):

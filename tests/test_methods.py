@@ -151,6 +151,6 @@ def test_bad_method_settings_are_one_line_errors(cli):
                        "--prompt-pool", 2)
     assert code == 2 and "one E-prompt per task" in err
     code, _, err = cli("train", *TINY, "--optimizer", "lion")
-    assert_one_line_error(code, err, "--optimizer must be sgd or adam")
+    assert_one_line_error(code, err, "--optimizer must be one of sgd, adam")
     code, _, err = cli("train", *TINY, "--method", "nope")
     assert_one_line_error(code, err, "unknown method 'nope'", "l2p", "slca++")
