@@ -10,6 +10,8 @@ import torch.nn.functional as F
 from einops import rearrange, repeat
 from torch import nn
 
+from .presets import DEFAULTS
+
 
 
 def task_membership(task_sizes: Sequence[int], device=None) -> torch.Tensor:
@@ -97,19 +99,19 @@ SampleTransform = Callable[[torch.Tensor, torch.Tensor, Optional[torch.Generator
 class AlignmentRecipe:
     """How classifier alignment trains the heads (spec section 5); a method may change it (``Method.alignment``).
 
-    ``mean_scaling``: the authors' shrinking of old class means (``task``, ``authors`` or ``off``).
+    The defaults are RunConfig's (the paper's). ``mean_scaling``: the authors' shrinking of old class means (``task``, ``authors`` or ``off``).
     ``sample_transform(features, labels, generator)`` changes each epoch's samples (SLCA++ shrinks old classes).
     """
 
-    epochs: int = 5
-    samples_per_class: int = 256
-    batch_size: int = 256
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    tau: float = 0.1
-    logit_norm: bool = True
-    mean_scaling: str = "task"
+    epochs: int = DEFAULTS["ca_epochs"]
+    samples_per_class: int = DEFAULTS["ca_samples"]
+    batch_size: int = DEFAULTS["ca_batch_size"]
+    lr: float = DEFAULTS["ca_lr"]
+    momentum: float = DEFAULTS["momentum"]
+    weight_decay: float = DEFAULTS["weight_decay"]
+    tau: float = DEFAULTS["tau"]
+    logit_norm: bool = DEFAULTS["logit_norm"]
+    mean_scaling: str = DEFAULTS["mean_scaling"]
     sample_transform: Optional[SampleTransform] = None
 
 

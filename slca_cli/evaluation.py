@@ -9,8 +9,7 @@ from .errors import SlcaError
 from .learner import default_workers, evaluate
 from .metrics import summarize
 from .protocol import class_remap
-from .restore import checkpoint_data, restore_model
-from .speed import make_accelerator
+from .restore import open_checkpoint
 
 
 def evaluate_checkpoint(task_dir: Path, data_root: Optional[str], device: str = "auto",
@@ -19,11 +18,9 @@ def evaluate_checkpoint(task_dir: Path, data_root: Optional[str], device: str = 
     task_dir = Path(task_dir)
     if not task_dir.is_dir():
         raise SlcaError(f"{task_dir} is not a folder; give a task-NN/ folder of a run, e.g. runs/.../seed-1993/task-03")
-    model, state = restore_model(task_dir)
+    checkpoint = open_checkpoint(task_dir, data_root, device)
+    model, state, data, accelerator = checkpoint.model, checkpoint.state, checkpoint.data, checkpoint.accelerator
     cfg = state.config
-    data = checkpoint_data(state, data_root)
-    accelerator = make_accelerator(device, cfg.precision)
-    model.to(accelerator.device)
     seen_sizes = state.seen_sizes
     # The pipeline the run used (host or device transforms), so the stored accuracy is reproduced.
     loaders = PassLoaders(data, class_remap(state.class_order), batch_size=batch_size or cfg.batch_size,

@@ -153,6 +153,9 @@ def _defaults() -> Dict[str, Any]:
     return {f.name: f.default for f in dataclasses.fields(RunConfig) if f.default is not dataclasses.MISSING}
 
 
+DEFAULTS: Dict[str, Any] = _defaults()  # read-only: what recipes built without a RunConfig start from
+
+
 def resolve_config(dataset: str, backbone: str, method: str, *, backbone_family: str,
                    backbone_image_size: int, backbone_mean: Tuple[float, ...], backbone_std: Tuple[float, ...],
                    num_classes: int, task_sizes: List[int], overrides: Dict[str, Any],
@@ -169,7 +172,7 @@ def resolve_config(dataset: str, backbone: str, method: str, *, backbone_family:
     if "epochs" in given and "lr_drop_epoch" not in given and drop is not None:
         # Keep the drop at the same fraction of training when only the epoch count changes.
         drop = max(1, round(given["epochs"] * drop / epochs)) if given["epochs"] > 1 else None
-    values = _defaults()
+    values = dict(DEFAULTS)
     values.update(dataset=dataset, backbone=backbone, method=method, num_classes=num_classes,
                   task_sizes=tuple(task_sizes), epochs=epochs, lr_drop_epoch=drop, tau=ds["tau"],
                   image_size=backbone_image_size, mean=tuple(ds["mean"] or backbone_mean),

@@ -114,14 +114,11 @@ def probe_seed(seed_dir: Path, *, data_root: Optional[str] = None, device: str =
     """Probe one seed's checkpoint after its last (or ``task``-th) task; also writes probe.json next to it."""
     from .learner import default_workers
     from .protocol import class_remap
-    from .restore import checkpoint_data, restore_model
-    from .speed import make_accelerator
+    from .restore import open_checkpoint
     task_dir = last_task_dir(seed_dir, task)
-    model, state = restore_model(task_dir)
+    checkpoint = open_checkpoint(task_dir, data_root, device)
+    model, state, data, accelerator = checkpoint.model, checkpoint.state, checkpoint.data, checkpoint.accelerator
     cfg = state.config
-    data = checkpoint_data(state, data_root)
-    accelerator = make_accelerator(device, cfg.precision)
-    model.to(accelerator.device)
     order = state.class_order
     remap = class_remap(order)
     seen = sum(state.seen_sizes)

@@ -8,32 +8,32 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .presets import CHOICES
+from .presets import CHOICES, DEFAULTS
 
 
 @dataclass
 class TrainingRecipe:
     """Everything the stage-1 loop needs to know about a method; the loop itself stays the same for all.
 
-    ``groups`` are torch parameter groups (each with its ``lr``); only their parameters train, for ``epochs``
-    epochs. The schedule steps once per epoch: ``step`` divides every lr by 10 after ``lr_drop_epoch`` epochs, ``cosine`` anneals
-    to ``min_lr`` over the task, ``constant`` keeps it. ``frozen_modules`` stay in eval mode while training,
+    Defaults are RunConfig's (the paper's). ``groups`` are torch parameter groups (each with its ``lr``); only
+    their parameters train, for ``epochs`` epochs. The schedule steps once per epoch: ``step`` divides every lr by
+    10 after ``lr_drop_epoch`` epochs, ``cosine`` anneals to ``min_lr`` over the task, ``constant`` keeps it. ``frozen_modules`` stay in eval mode while training,
     so a frozen backbone's BatchNorm statistics and dropout do not move either; ``freeze_bn`` keeps every
     BatchNorm's running statistics (CNN backbones).
     """
 
     groups: List[Dict[str, Any]]
-    epochs: int = 1
-    optimizer: str = "sgd"
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    schedule: str = "step"
-    lr_drop_epoch: Optional[int] = None
-    min_lr: float = 0.0
-    grad_clip: Optional[float] = None
+    epochs: int = DEFAULTS["epochs"]
+    optimizer: str = DEFAULTS["optimizer"]
+    momentum: float = DEFAULTS["momentum"]
+    weight_decay: float = DEFAULTS["weight_decay"]
+    schedule: str = DEFAULTS["schedule"]
+    lr_drop_epoch: Optional[int] = DEFAULTS["lr_drop_epoch"]
+    min_lr: float = DEFAULTS["min_lr"]
+    grad_clip: Optional[float] = DEFAULTS["grad_clip"]
     loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy
     frozen_modules: Sequence[nn.Module] = field(default_factory=tuple)
-    freeze_bn: bool = False
+    freeze_bn: bool = DEFAULTS["freeze_bn"]
 
     def parameters(self) -> Iterator[nn.Parameter]:
         for group in self.groups:

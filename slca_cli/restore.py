@@ -118,3 +118,23 @@ def checkpoint_data(state: TaskState, data_root: Optional[str]) -> DatasetSplits
         raise SlcaError(f"the data under {data.root or cfg.dataset} differs from the data this checkpoint was "
                         f"trained on (file list checksum); point --data-root at the same files")
     return data
+
+
+@dataclass
+class ScoredCheckpoint:
+    """What `slca eval` and `slca probe` start from: a finished task's model on the device, its state, the data."""
+
+    model: ContinualModel
+    state: TaskState
+    data: DatasetSplits
+    accelerator: object
+
+
+def open_checkpoint(task_dir: Path, data_root: Optional[str], device: str) -> ScoredCheckpoint:
+    """The model of a task folder on ``device`` (at the run's precision) and the very data it was trained on."""
+    from .speed import make_accelerator
+    model, state = restore_model(task_dir)
+    data = checkpoint_data(state, data_root)
+    accelerator = make_accelerator(device, state.config.precision)
+    model.to(accelerator.device)
+    return ScoredCheckpoint(model, state, data, accelerator)
