@@ -24,6 +24,8 @@ PEAK_FLOPS = {
     "H100 PCIe": {"bf16": 756e12, "fp16": 756e12, "fp32": 51e12, "tf32": 378e12},
     "H100 NVL": {"bf16": 835e12, "fp16": 835e12, "fp32": 60e12, "tf32": 418e12},
     "H200": {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12, "tf32": 495e12},
+    "H200 NVL": {"bf16": 835e12, "fp16": 835e12, "fp32": 60e12, "tf32": 418e12},
+    "GH200": {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12, "tf32": 495e12},
     "A100": {"bf16": 312e12, "fp16": 312e12, "fp32": 19.5e12, "tf32": 156e12},
 }
 
@@ -56,11 +58,21 @@ def peak_flops(device: torch.device, dtype: str) -> Optional[float]:
     """The data-sheet peak for this GPU and dtype, or None where unknown (CPUs)."""
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_properties(device).name
-    for key in sorted(PEAK_FLOPS, key=len, reverse=True):
-        if all(part in name for part in key.split()):
-            return PEAK_FLOPS[key].get(dtype)
-    return None
+    key = gpu_model(torch.cuda.get_device_properties(device).name)
+    return PEAK_FLOPS[key].get(dtype) if key else None
+
+
+# (words that must all appear in the name torch reports, PEAK_FLOPS entry); the first match wins. An H100 that
+# names no form factor is the SXM one: torch reports it as "NVIDIA H100 80GB HBM3".
+GPU_MODELS = ((("H100", "PCIE"), "H100 PCIe"), (("H100", "NVL"), "H100 NVL"), (("H100",), "H100 SXM"),
+              (("H200", "NVL"), "H200 NVL"), (("H200",), "H200"), (("GH200",), "GH200"), (("A100",), "A100"))
+
+
+def gpu_model(name: str) -> Optional[str]:
+    """The PEAK_FLOPS entry of a device name as torch reports it ("NVIDIA H100 80GB HBM3", "NVIDIA A100-SXM4-80GB",
+    "NVIDIA H100 PCIe"), matching whole words case-insensitively; None for an unknown GPU."""
+    words = set(name.upper().replace("-", " ").replace("_", " ").split())
+    return next((key for needed, key in GPU_MODELS if words.issuperset(needed)), None)
 
 
 def _rss_bytes() -> int:

@@ -32,3 +32,13 @@ def test_train_step_benchmark_runs_on_the_tiny_vit(tmp_path):
     result = json.loads((tmp_path / "bench_train_step-vit-tiny-test-cpu.json").read_text())
     assert [r["mode"] for r in result["results"]] == ["fp32-eager", "bf16-sdpa"]
     assert all(r["images_per_s"] > 0 for r in result["results"]) and result["gflop_per_image_counted"] > 0
+
+
+def test_gpu_peak_lookup_knows_the_names_torch_reports():
+    sys.path.insert(0, str(REPO))
+    from benchmarks.common import PEAK_FLOPS, gpu_model
+    names = {"NVIDIA H100 80GB HBM3": "H100 SXM", "NVIDIA H100 PCIe": "H100 PCIe", "NVIDIA H100 NVL": "H100 NVL",
+             "NVIDIA H200": "H200", "NVIDIA H200 NVL": "H200 NVL", "NVIDIA GH200 480GB": "GH200",
+             "NVIDIA A100-SXM4-80GB": "A100", "NVIDIA A100 80GB PCIe": "A100", "NVIDIA GeForce RTX 4090": None}
+    assert {name: gpu_model(name) for name in names} == names
+    assert PEAK_FLOPS[gpu_model("NVIDIA H100 80GB HBM3")]["bf16"] == 989e12
