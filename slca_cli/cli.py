@@ -110,8 +110,9 @@ def train(
                                                                        "steps on GPUs after a warm-up)."),
     augment_on_device: Optional[bool] = typer.Option(
         None, "--augment-on-device/--augment-on-host",
-        help="CIFAR transforms as batched ops on the training device from uint8 images uploaded once "
-             "(default: on for cifar100 on a GPU) or on host loader workers."),
+        help="Training transforms as batched ops on the training device from uint8 images decoded once (CIFAR: "
+             "in memory; JPEG datasets: a cache under $SLCA_DATA_ROOT/decoded) (default: on for image datasets "
+             "on a GPU), or PIL on host loader workers."),
     skip_bad_images: bool = typer.Option(False, "--skip-bad-images",
                                          help="Decode every image first and leave unreadable ones out (listed in "
                                               "the run folder's skipped-images.json) instead of stopping."),

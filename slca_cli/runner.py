@@ -204,7 +204,7 @@ def run_seed(cfg: RunConfig, seed: int, run_dir: Path, accelerator, data: Datase
     device = accelerator.device
     model.to(device)
     check_batch_split(cfg.batch_size, accelerator.num_processes)
-    cfg = cfg.replace(device_augment=resolve_device_augment(cfg.device_augment, data, device))
+    cfg = cfg.replace(device_augment=resolve_device_augment(cfg.device_augment, data, device, cfg.image_size, log))
     header = {"seed": seed, "config": cfg.to_dict(), "class_order": order,
               "class_names": [data.class_names[c] for c in order], "task_sizes": list(cfg.task_sizes),
               "data_fingerprint": data.fingerprint(), "versions": library_versions()}
@@ -400,7 +400,8 @@ def evaluate_checkpoint(task_dir: Path, data_root: Optional[str], device: str = 
     # The pipeline the run used (host or device transforms), so the stored accuracy is reproduced.
     loaders = PassLoaders(data, remap, batch_size=batch_size or cfg.batch_size, image_size=cfg.image_size,
                           mean=cfg.mean, std=cfg.std, device=accelerator.device, workers=workers,
-                          on_device=resolve_device_augment(cfg.device_augment, data, accelerator.device))
+                          on_device=resolve_device_augment(cfg.device_augment, data, accelerator.device,
+                                                           cfg.image_size))
     correct, total = evaluate(model, loaders.test(list(range(sum(seen_sizes)))), accelerator, seen_sizes,
                               show_progress)
     result = summarize([{"correct": correct, "total": total}], len(seen_sizes))
