@@ -18,7 +18,8 @@ from slca_cli.data import device_path, load_dataset
 from slca_cli.data.base import FileSplit
 from slca_cli.data.decoded import Geometry, build_cache, cache_key, open_cache
 from slca_cli.data.device_crops import (cached_eval_batch, crop_train_batch, fine_grained_train_batch,
-                                        gather_crops, random_crop_offsets, random_resized_crop_boxes_per_image)
+                                        gather_crops, indexed_crops, random_crop_offsets,
+                                        random_resized_crop_boxes_per_image, sliced_crops)
 from slca_cli.data.loaders import resolve_device_augment
 from slca_cli.data.transforms import build_transforms
 
@@ -230,3 +231,14 @@ def test_resume_on_the_device_path_gives_the_same_metrics(tmp_path, cli):
     straight, resumed = read_json(run / "metrics.json"), read_json(copy / "metrics.json")
     for key in ("accuracy_matrix", "counts", "train_loss"):
         assert resumed[key] == straight[key], key
+
+
+def test_cpu_and_gpu_crop_gathers_agree():
+    """The CPU's slice-and-stack gather and the GPU's advanced-indexing one give the same crops."""
+    images = torch.randint(0, 256, (9, 40, 40, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    top, left = random_crop_offsets(9, 40, 40, 24, torch.Generator().manual_seed(1))
+    flip = torch.arange(9) % 3 == 0
+    expected = torch.stack([images[i, a:a + 24, b:b + 24].flip(1) if flip[i] else images[i, a:a + 24, b:b + 24]
+                            for i, (a, b) in enumerate(zip(top.tolist(), left.tolist()))])
+    assert torch.equal(sliced_crops(images, top, left, 24, flip), expected)
+    assert torch.equal(indexed_crops(images, top, left, 24, flip), expected)

@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .device_transforms import Boxes, crop_resize, normalize, to_float
+from .device_transforms import Boxes, channel_tensor, crop_resize, normalize, to_float
 
 
 def random_crop_offsets(n: int, height: int, width: int, size: int, generator: Optional[torch.Generator],
@@ -30,7 +30,22 @@ def random_crop_offsets(n: int, height: int, width: int, size: int, generator: O
 
 def gather_crops(images: torch.Tensor, top: torch.Tensor, left: torch.Tensor, size: int,
                  flip: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``images[i, top_i : top_i + size, left_i : left_i + size]`` (mirrored where ``flip``) for NHWC images."""
+    """``images[i, top_i : top_i + size, left_i : left_i + size]`` (mirrored where ``flip``) for NHWC images.
+    On a GPU one advanced-indexing kernel (no host sync); on a CPU slices and one stack, 4x faster there."""
+    if images.device.type == "cpu":
+        return sliced_crops(images, top, left, size, flip)
+    return indexed_crops(images, top, left, size, flip)
+
+
+def sliced_crops(images, top, left, size, flip=None) -> torch.Tensor:
+    crops = torch.stack([images[i, a:a + size, b:b + size] for i, (a, b) in enumerate(zip(top.tolist(),
+                                                                                          left.tolist()))])
+    if flip is not None and bool(flip.any()):
+        crops[flip] = crops[flip].flip(2)
+    return crops
+
+
+def indexed_crops(images, top, left, size, flip=None) -> torch.Tensor:
     steps = torch.arange(size, device=images.device)
     rows = top.view(-1, 1) + steps
     cols = left.view(-1, 1) + steps
@@ -45,13 +60,21 @@ def nchw_float(images: torch.Tensor) -> torch.Tensor:
     return to_float(images.permute(0, 3, 1, 2))
 
 
+def normalized_nchw(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """NHWC uint8 -> normalized NCHW float32 (channels-last in memory): ``x * (1 / (255 std)) - mean / std`` in
+    place on the channel-contiguous layout, two passes instead of four."""
+    scale = channel_tensor([1 / (255 * s) for s in std], images.device, torch.float32).view(-1)
+    shift = channel_tensor([m / s for m, s in zip(mean, std)], images.device, torch.float32).view(-1)
+    return images.to(torch.float32).mul_(scale).sub_(shift).permute(0, 3, 1, 2)
+
+
 def fine_grained_train_batch(images: torch.Tensor, size: int, mean: Sequence[float], std: Sequence[float],
                              generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """RandomCrop(size) + RandomHorizontalFlip + normalize of cached ``Resize((S, S))`` images."""
     n, height, width, _ = images.shape
     top, left = random_crop_offsets(n, height, width, size, generator, images.device)
     flip = torch.rand(n, generator=generator, device=images.device) < 0.5
-    return normalize(nchw_float(gather_crops(images, top, left, size, flip)), mean, std)
+    return normalized_nchw(gather_crops(images, top, left, size, flip), mean, std)
 
 
 def random_resized_crop_boxes_per_image(heights: torch.Tensor, widths: torch.Tensor,
@@ -99,4 +122,4 @@ def crop_train_batch(images: torch.Tensor, sizes: torch.Tensor, size: int, mean:
 
 def cached_eval_batch(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """Normalize cached ``Resize + CenterCrop`` images (the test transform's pixels, exactly)."""
-    return normalize(nchw_float(images), mean, std)
+    return normalized_nchw(images, mean, std)
