@@ -32,3 +32,10 @@ def test_train_step_benchmark_runs_on_the_tiny_vit(tmp_path):
     result = json.loads((tmp_path / "bench_train_step-vit-tiny-test-cpu.json").read_text())
     assert [r["mode"] for r in result["results"]] == ["fp32-eager", "bf16-sdpa"]
     assert all(r["images_per_s"] > 0 for r in result["results"]) and result["gflop_per_image_counted"] > 0
+
+
+def test_data_benchmark_runs_on_a_small_tree(tmp_path):
+    stdout = run_script("bench_data.py", "--images", 12, "--size", 32, "--batch", 8, "--out", tmp_path)
+    assert "fine-grained train" in stdout
+    result = json.loads((tmp_path / "bench_data-cpu.json").read_text())
+    assert result["images"] == 12 and all(v > 0 for v in result["images_per_s_per_core"].values())
