@@ -242,3 +242,28 @@ def test_cpu_and_gpu_crop_gathers_agree():
                             for i, (a, b) in enumerate(zip(top.tolist(), left.tolist()))])
     assert torch.equal(sliced_crops(images, top, left, 24, flip), expected)
     assert torch.equal(indexed_crops(images, top, left, 24, flip), expected)
+
+
+class _Noisy(torch.utils.data.Dataset):  # a "transform" drawing from the global torch RNG, as torchvision's do
+    def __len__(self):
+        return 10
+
+    def __getitem__(self, index):
+        return torch.rand(3) + index, torch.tensor(index)
+
+
+def test_persistent_workers_resume_exactly_from_the_shuffle_generator():
+    """Host loaders keep their workers across epochs; restoring the shuffle's generator after epoch 1 into a new
+    loader (as --checkpoint-every's resume does) gives epoch 2 exactly, workers or not."""
+    from slca_cli.data.loaders import host_loader, shuffle_generator
+
+    straight = host_loader(_Noisy(), 4, True, seed=3, workers=2)
+    assert straight.persistent_workers
+    list(straight)
+    saved = shuffle_generator(straight).get_state()
+    second = [(x.clone(), y.clone()) for x, y in straight]
+    for workers in (0, 2):
+        resumed = host_loader(_Noisy(), 4, True, seed=3, workers=workers)
+        shuffle_generator(resumed).set_state(saved)
+        for (xa, ya), (xb, yb) in zip(second, resumed):
+            assert torch.equal(xa, xb) and torch.equal(ya, yb)

@@ -23,8 +23,9 @@ def _to_stderr(line: str) -> None:
 
 
 class SeededShuffle(Sampler):
-    """Each epoch: a permutation of the items and one seed per item, both drawn from ``generator`` (the loader's,
-    so --checkpoint-every saves and restores it). Yields (index, seed) keys for ``PerItemRandomness``."""
+    """Each epoch: a permutation of the items and one seed per item, both drawn from ``generator``, the shuffle's
+    own (--checkpoint-every saves and restores it; the DataLoader's, which seeds its workers once, is another).
+    Yields (index, seed) keys for ``PerItemRandomness``."""
 
     def __init__(self, num_items: int, generator: torch.Generator):
         self.num_items, self.generator = num_items, generator
@@ -59,14 +60,22 @@ class PerItemRandomness(Dataset):
 def host_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int, workers: int,
                 pin_memory: bool = False) -> DataLoader:
     """A DataLoader whose order and augmentation come from ``seed`` only: a shuffled loader draws every item's
-    transform seed with the permutation (SeededShuffle), so the images are the same with any number of workers.
-    Workers are started afresh every epoch (not persistent), so a run resumed at an epoch boundary
-    (--checkpoint-every) continues exactly as a straight run does."""
-    generator = torch.Generator().manual_seed(seed)
-    sampler = SeededShuffle(len(dataset), generator) if shuffle else None
-    return DataLoader(PerItemRandomness(dataset) if shuffle else dataset, batch_size=batch_size, sampler=sampler,
-                      generator=generator, num_workers=workers, pin_memory=pin_memory, drop_last=False,
-                      persistent_workers=False, worker_init_fn=worker_init if workers > 0 else None)
+    transform seed with the permutation (SeededShuffle, from its own generator), so the images are the same with
+    any number of workers. Workers persist across the epochs of a loader: they only run seeded transforms, and
+    the DataLoader's generator (drawn once for their base seed) is not the shuffle's, so a run resumed at an epoch
+    boundary (--checkpoint-every) continues exactly as a straight run does."""
+    sampler = SeededShuffle(len(dataset), torch.Generator().manual_seed(seed)) if shuffle else None
+    loader = DataLoader(PerItemRandomness(dataset) if shuffle else dataset, batch_size=batch_size, sampler=sampler,
+                        generator=torch.Generator().manual_seed(seed + 1), num_workers=workers,
+                        pin_memory=pin_memory, drop_last=False, persistent_workers=workers > 0,
+                        worker_init_fn=worker_init if workers > 0 else None)
+    loader.shuffle_generator = sampler.generator if shuffle else loader.generator
+    return loader
+
+
+def shuffle_generator(loader) -> torch.Generator:
+    """The generator that decides a training loader's next epochs (saved and restored by --checkpoint-every)."""
+    return getattr(loader, "shuffle_generator", None) or loader.generator
 
 
 def resolve_device_augment(flag: Optional[bool], data: DatasetSplits, device: torch.device,
