@@ -105,9 +105,9 @@ def feature_batches(model: ContinualModel, loader, accelerator,
                                disable=not (show_progress and accelerator.is_main_process)):
         images = images.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
-        with accelerator.autocast():
-            features = model.features(images)
-        yield features.float(), labels
+        with torch.inference_mode(), accelerator.autocast():  # no autograd bookkeeping at all in the forward
+            features = model.features(images).float()
+        yield features.clone(), labels  # an ordinary tensor again, usable by any caller
 
 
 @torch.no_grad()

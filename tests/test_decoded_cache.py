@@ -267,3 +267,26 @@ def test_persistent_workers_resume_exactly_from_the_shuffle_generator():
         shuffle_generator(resumed).set_state(saved)
         for (xa, ya), (xb, yb) in zip(second, resumed):
             assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+def test_compile_runs_full_batches_compiled_and_a_partial_last_batch_eagerly(monkeypatch):
+    import torch._dynamo
+    from slca_cli.speed import compile_backbone
+
+    monkeypatch.setenv("SLCA_COMPILE_BACKEND", "eager")  # graph capture without inductor's code generation
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 5))
+    expected = {n: net(torch.ones(n, 3, 2, 2)) for n in (4, 3)}
+    compile_backbone(net)
+    for n in (4, 3, 4, 3):
+        torch.testing.assert_close(net(torch.ones(n, 3, 2, 2)), expected[n])
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1  # the size-3 batch never compiled
+    assert list(net.state_dict()) == ["1.weight", "1.bias"]
+
+
+def test_fused_optimizer_only_on_cuda_parameters():
+    from slca_cli.recipe import fused_supported
+
+    assert fused_supported([{"params": [torch.nn.Parameter(torch.ones(2))]}]) == {}  # CPU: the default kernels

@@ -22,6 +22,9 @@ def _to_stderr(line: str) -> None:
     print(line, file=sys.stderr)
 
 
+INFERENCE_BATCH_FACTOR = 2
+
+
 class SeededShuffle(Sampler):
     """Each epoch: a permutation of the items and one seed per item, both drawn from ``generator``, the shuffle's
     own (--checkpoint-every saves and restores it; the DataLoader's, which seeds its workers once, is another).
@@ -197,6 +200,8 @@ class PassLoaders:
         self.image_size, self.mean, self.std = image_size, tuple(mean), tuple(std)
         self.device, self.workers, self.on_device = device, workers, on_device
         self.rank, self.world = rank, world
+        # Statistics and test passes keep no activations for a backward pass: twice the batch, same results.
+        self.eval_batch_size = batch_size * INFERENCE_BATCH_FACTOR
         self.pin = device.type == "cuda"
         self.log = log or _to_stderr
         self._stores = {}
@@ -239,7 +244,7 @@ class PassLoaders:
             transform = lambda x, g: eval_batch(x, size, mean, std)  # noqa: E731
         else:
             transform = lambda x, g: cached_eval_batch(x, mean, std)  # noqa: E731
-        return DeviceLoader(images, labels, indices, self.batch_size, transform, shuffle=False)
+        return DeviceLoader(images, labels, indices, self.eval_batch_size, transform, shuffle=False)
 
     def train(self, classes: Sequence[int], seed: int):
         """Training images of ``classes`` under the train transform, shuffled from ``seed``."""
@@ -253,13 +258,13 @@ class PassLoaders:
         if self.on_device:
             return self._device_loader("statistics", classes)
         subset = RemappedSubset(self.data.train, self.remap, classes, transform=self.data.test.transform)
-        return host_loader(subset, self.batch_size, False, 0, self.workers, self.pin)
+        return host_loader(subset, self.eval_batch_size, False, 0, self.workers, self.pin)
 
     def test(self, classes: Sequence[int]):
         """Test images of ``classes`` under the test transform."""
         if self.on_device:
             return self._device_loader("test", classes)
-        return host_loader(RemappedSubset(self.data.test, self.remap, classes), self.batch_size, False, 0,
+        return host_loader(RemappedSubset(self.data.test, self.remap, classes), self.eval_batch_size, False, 0,
                            self.workers, self.pin)
 
 
