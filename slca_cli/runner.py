@@ -70,7 +70,7 @@ def make_accelerator(device: str, precision: str):
     on_gpu = device != "cpu" and not launched_on_cpu and torch.cuda.is_available()
     precision = resolve_precision(precision, on_gpu)
     accelerator = Accelerator(cpu=device == "cpu", mixed_precision=accelerate_mixed_precision(precision),
-                              dataloader_config=DataLoaderConfiguration(split_batches=True))
+                              dataloader_config=DataLoaderConfiguration(split_batches=True, non_blocking=True))
     enable_fp16_on_cpu(accelerator)
     return accelerator
 

@@ -290,3 +290,22 @@ def test_fused_optimizer_only_on_cuda_parameters():
     from slca_cli.recipe import fused_supported
 
     assert fused_supported([{"params": [torch.nn.Parameter(torch.ones(2))]}]) == {}  # CPU: the default kernels
+
+
+def test_host_batches_are_uint8_and_normalize_on_the_device_to_the_float_path(tmp_path):
+    """The host path sends uint8 (a quarter of the bytes through pinned memory) and normalizes after the copy:
+    the same numbers as ToTensor + Normalize on the host."""
+    from slca_cli.data import attach_transforms
+    from slca_cli.data.loaders import PassLoaders, finish_batch, host_loader
+    from slca_cli.data.base import RemappedSubset
+
+    data = load_dataset("cub200", str(write_cub(tmp_path / "cub", num_classes=200, per_class=2, train_per_class=1)))
+    attach_transforms(data, 32, MEAN, STD)
+    loaders = PassLoaders(data, list(range(200)), batch_size=8, image_size=32, mean=MEAN, std=STD,
+                          device=torch.device("cpu"), workers=0, on_device=False)
+    test = loaders.test(list(range(20)))
+    images, labels = next(iter(test))
+    assert images.dtype == torch.uint8 and len(images) == 16  # inference passes: twice the batch
+    float_path = host_loader(RemappedSubset(data.test, list(range(200)), list(range(20))), 16, False, 0, 0)
+    reference, _ = next(iter(float_path))
+    assert torch.equal(finish_batch(test)(images), reference)

@@ -15,7 +15,8 @@ from .base import ArraySplit, DatasetSplits, LabelledSplit, RemappedSubset
 from .decoded import build_cache
 from .device_crops import cached_eval_batch, crop_train_batch, fine_grained_train_batch
 from .device_path import DEVICE_AUGMENT_STYLES, pass_geometries, why_not_on_device
-from .device_transforms import cifar_train_batch, eval_batch
+from .device_transforms import cifar_train_batch, eval_batch, normalize, to_float
+from .transforms import build_transforms
 
 
 def _to_stderr(line: str) -> None:
@@ -23,6 +24,25 @@ def _to_stderr(line: str) -> None:
 
 
 INFERENCE_BATCH_FACTOR = 2
+PIL_STYLES = ("cifar", "crop", "fine-grained", "digits")
+
+
+class DeviceNormalize:
+    """uint8 host batches -> normalized float32 on their device, the same ops as ToTensor + Normalize (so the
+    same numbers); float batches pass unchanged. Host loaders carry one as ``finish_batch``."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]):
+        self.mean, self.std = tuple(mean), tuple(std)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        if images.dtype != torch.uint8:
+            return images
+        return normalize(to_float(images), self.mean, self.std)
+
+
+def finish_batch(loader) -> Callable[[torch.Tensor], torch.Tensor]:
+    """What a pass applies to each batch of ``loader`` once it is on the device (identity for most loaders)."""
+    return getattr(loader, "finish_batch", None) or (lambda images: images)
 
 
 class SeededShuffle(Sampler):
@@ -246,26 +266,36 @@ class PassLoaders:
             transform = lambda x, g: cached_eval_batch(x, mean, std)  # noqa: E731
         return DeviceLoader(images, labels, indices, self.eval_batch_size, transform, shuffle=False)
 
+    def _host(self, split, classes, transform_index: int, batch_size: int, shuffle: bool, seed: int = 0):
+        """A host loader; PIL datasets send uint8 batches (normalized on the device by ``finish_batch``)."""
+        if self.data.transform_style in PIL_STYLES:
+            transform = build_transforms(self.data.transform_style, self.image_size, self.mean, self.std,
+                                         uint8=True)[transform_index]
+        else:
+            transform = (self.data.train.transform, self.data.test.transform)[transform_index]
+        loader = host_loader(RemappedSubset(split, self.remap, classes, transform=transform), batch_size, shuffle,
+                             seed, self.workers, self.pin)
+        if self.data.transform_style in PIL_STYLES:
+            loader.finish_batch = DeviceNormalize(self.mean, self.std)
+        return loader
+
     def train(self, classes: Sequence[int], seed: int):
         """Training images of ``classes`` under the train transform, shuffled from ``seed``."""
         if self.on_device:
             return self._device_loader("train", classes, seed)
-        return host_loader(RemappedSubset(self.data.train, self.remap, classes), self.batch_size, True, seed,
-                           self.workers, self.pin)
+        return self._host(self.data.train, classes, 0, self.batch_size, True, seed)
 
     def statistics(self, classes: Sequence[int]):
         """Training images of ``classes`` under the test transform (class statistics)."""
         if self.on_device:
             return self._device_loader("statistics", classes)
-        subset = RemappedSubset(self.data.train, self.remap, classes, transform=self.data.test.transform)
-        return host_loader(subset, self.eval_batch_size, False, 0, self.workers, self.pin)
+        return self._host(self.data.train, classes, 1, self.eval_batch_size, False)
 
     def test(self, classes: Sequence[int]):
         """Test images of ``classes`` under the test transform."""
         if self.on_device:
             return self._device_loader("test", classes)
-        return host_loader(RemappedSubset(self.data.test, self.remap, classes), self.eval_batch_size, False, 0,
-                           self.workers, self.pin)
+        return self._host(self.data.test, classes, 1, self.eval_batch_size, False)
 
 
 def _upload(images: torch.Tensor, device: torch.device, chunk: int = 1024) -> torch.Tensor:
