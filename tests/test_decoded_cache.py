@@ -309,3 +309,20 @@ def test_host_batches_are_uint8_and_normalize_on_the_device_to_the_float_path(tm
     float_path = host_loader(RemappedSubset(data.test, list(range(200)), list(range(20))), 16, False, 0, 0)
     reference, _ = next(iter(float_path))
     assert torch.equal(finish_batch(test)(images), reference)
+
+
+def test_a_build_lock_left_by_a_killed_process_is_taken_over(jpeg_split, tmp_path):
+    """Processes of one node build a cache once (the others wait); a lock whose process died does not block."""
+    import socket
+    import subprocess
+    import sys
+    from slca_cli.data.decoded import _paths
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    geometry = Geometry("center", 16)
+    array_path, _ = _paths(jpeg_split, geometry)
+    array_path.parent.mkdir(parents=True, exist_ok=True)
+    lock = array_path.with_suffix(".building")
+    lock.write_text(f"{socket.gethostname()} {dead.stdout.strip()}\n")
+    cache = build_cache(jpeg_split, geometry)
+    assert cache.images.shape[0] == len(jpeg_split) and not lock.exists()

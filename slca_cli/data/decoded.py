@@ -18,7 +18,9 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Tuple
@@ -143,6 +145,58 @@ def build_cache(split: LabelledSplit, geometry: Geometry, workers: int = 0, log=
         return found
     array_path, meta_path = _paths(split, geometry)
     array_path.parent.mkdir(parents=True, exist_ok=True)
+    with _build_lock(array_path.with_suffix(".building")):
+        found = open_cache(split, geometry)  # another process (a rank on this node) built it meanwhile
+        if found is not None:
+            return found
+        return _build(split, geometry, array_path, meta_path, workers, log)
+
+
+@contextmanager
+def _build_lock(path: Path, poll_seconds: float = 1.0):
+    """One builder per cache: the others wait for it. A lock whose process died on this machine is taken over."""
+    while True:
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            if _holder_is_dead(path):
+                try:
+                    path.unlink()
+                except FileNotFoundError:
+                    pass
+                continue
+            time.sleep(poll_seconds)
+            continue
+        with os.fdopen(fd, "w") as handle:
+            handle.write(f"{socket.gethostname()} {os.getpid()}\n")
+        break
+    try:
+        yield
+    finally:
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+
+
+def _holder_is_dead(path: Path) -> bool:
+    try:
+        host, pid = path.read_text().split()
+    except (OSError, ValueError):
+        return False  # being written right now; look again next time
+    if host != socket.gethostname():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, ValueError):
+        return False
+    return False
+
+
+def _build(split: LabelledSplit, geometry: Geometry, array_path: Path, meta_path: Path, workers: int,
+           log) -> DecodedImages:
     need = geometry.nbytes(len(split))
     free = shutil.disk_usage(array_path.parent).free
     if need > free:

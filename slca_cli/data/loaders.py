@@ -57,6 +57,9 @@ class SeededShuffle(Sampler):
         return self.num_items
 
     def __iter__(self):
+        # Where the DataLoader drew its workers' base seed when it shared this generator: drawn still, so the
+        # stream (and every earlier run's data order) is what it was.
+        torch.empty((), dtype=torch.int64).random_(generator=self.generator)
         order = torch.randperm(self.num_items, generator=self.generator).tolist()
         seeds = torch.randint(0, 2**62, (self.num_items,), generator=self.generator).tolist()
         return iter(zip(order, seeds))
