@@ -133,9 +133,11 @@ def train(
                                             "cores shared among the processes)."),
     compile: Optional[bool] = _option(SPEED, "torch.compile the backbone (faster steps on GPUs after a warm-up).",
                                       "--compile/--no-compile"),
-    device_augment: Optional[bool] = _option(SPEED, "Transforms as batched ops on the training device from uint8 "
-                                                    "images uploaded once (default: on for cifar100 on a GPU) or "
-                                                    "on host loader workers.", "--augment-on-device/--augment-on-host"),
+    device_augment: Optional[bool] = _option(SPEED, "Training transforms as batched ops on the training device from "
+                                                    "uint8 images decoded once (CIFAR: in memory; JPEG datasets: a "
+                                                    "cache under $SLCA_DATA_ROOT/decoded) (default: on for image "
+                                                    "datasets on a GPU), or PIL on host loader workers.",
+                                             "--augment-on-device/--augment-on-host"),
     accelerate_config: Optional[str] = _option(SPEED, "Run under `accelerate launch` with this config file "
                                                       "(default: accelerate's default config when it asks for "
                                                       "several processes; 'none' to ignore it)."),

@@ -26,7 +26,8 @@ def evaluate_checkpoint(task_dir: Path, data_root: Optional[str], device: str = 
     loaders = PassLoaders(data, class_remap(state.class_order), batch_size=batch_size or cfg.batch_size,
                           image_size=cfg.image_size, mean=cfg.mean, std=cfg.std, device=accelerator.device,
                           workers=default_workers(cfg.workers, data),
-                          on_device=resolve_device_augment(cfg.device_augment, data, accelerator.device))
+                          on_device=resolve_device_augment(cfg.device_augment, data, accelerator.device,
+                                                           cfg.image_size))
     correct, total = evaluate(model, loaders.test(list(range(sum(seen_sizes)))), accelerator, seen_sizes,
                               show_progress)
     result = summarize([{"correct": correct, "total": total}], len(seen_sizes))

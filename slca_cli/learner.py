@@ -9,6 +9,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from .data.loaders import finish_batch
 from .distributed import process_loader, sum_across_processes, workers_per_process
 from .errors import SlcaError
 from .model import ContinualModel, freeze_batchnorm_statistics
@@ -37,6 +38,7 @@ def fit_task(model: ContinualModel, loader: DataLoader, accelerator, recipe: Tra
     train_model, optimizer = accelerator.prepare(TaskForward(model, task), optimizer)
     # An on-device loader already splits each global batch across processes; DataLoaders go through accelerate.
     train_loader = loader if getattr(loader, "on_device", False) else accelerator.prepare_data_loader(loader)
+    finish = finish_batch(loader)
     start_epoch, losses = (epoch_checkpoints.restore(accelerator, model, optimizer, schedule, loader,
                                                      train_loader) if epoch_checkpoints else (0, []))
     bar = tqdm(total=epochs * len(train_loader), desc=f"task {task + 1} stage 1", unit="batch", leave=False,
@@ -50,6 +52,7 @@ def fit_task(model: ContinualModel, loader: DataLoader, accelerator, recipe: Tra
             module.eval()
         total, seen = torch.zeros((), device=accelerator.device), 0
         for step, (images, labels) in enumerate(train_loader):
+            images = finish(images)  # uint8 host batches are normalized here, on the device
             mark("fit", task=task + 1, epoch=epoch + 1, batch=step + 1)
             with accelerator.autocast():
                 logits = train_model(images)
@@ -106,13 +109,14 @@ def feature_batches(model: ContinualModel, loader, accelerator,
     """
     model.eval()
     device = accelerator.device
+    finish = finish_batch(loader)
     for images, labels in tqdm(process_loader(loader, accelerator), desc=desc, unit="batch", leave=False,
                                disable=not (show_progress and accelerator.is_main_process)):
-        images = images.to(device, non_blocking=True)
+        images = finish(images.to(device, non_blocking=True))
         labels = labels.to(device, non_blocking=True)
-        with accelerator.autocast():
-            features = model.features(images)
-        yield features.float(), labels
+        with torch.inference_mode(), accelerator.autocast():  # no autograd bookkeeping at all in the forward
+            features = model.features(images).float()
+        yield features.clone(), labels  # an ordinary tensor again, usable by any caller
 
 
 @torch.no_grad()

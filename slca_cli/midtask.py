@@ -19,6 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from .checkpoint import STATE_FILE, remove_path, rng_state, set_rng_state, sha256_file, write_folder
+from .data.loaders import shuffle_generator
 from .errors import SlcaError
 from .presets import identity
 from .signals import uninterruptible
@@ -171,7 +172,7 @@ class TaskEpochs:
             optimizer.load_state_dict({"state": per_param, "param_groups": state["optimizer"]["param_groups"]})
             schedule.load_state_dict(_from_json(state["scheduler"]))
             set_rng_state(state["rng"])
-            loader.generator.set_state(_from_b64(state["generator"]))
+            shuffle_generator(loader).set_state(_from_b64(state["generator"]))
             cuda = [tensors[k] for k in sorted(tensors) if k.startswith("rng/cuda/")]
             if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
                 torch.cuda.set_rng_state_all(cuda)
@@ -208,7 +209,7 @@ class TaskEpochs:
                      "epoch": epoch + 1, "losses": list(losses),
                      "optimizer": {"state": plain, "param_groups": _to_json(optimizer_state["param_groups"])},
                      "scheduler": _to_json(schedule.state_dict()), "rng": rng_state(),
-                     "generator": _b64(loader.generator.get_state())}
+                     "generator": _b64(shuffle_generator(loader).get_state())}
             with uninterruptible():
                 write_folder(self.owner.run_dir, FOLDER, {MODEL_FILE: (weights, "slca-model"),
                                                           OPTIMIZER_FILE: (tensors, "slca-optimizer")}, state)

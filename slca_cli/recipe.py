@@ -49,12 +49,13 @@ class TrainingRecipe:
         """(optimizer, per-epoch scheduler)."""
         epochs = self.epochs
         groups = [dict(g, params=list(g["params"])) for g in self.groups if len(list(g["params"]))]
+        fused = fused_supported(groups)
         if self.optimizer == "sgd":
             optimizer = torch.optim.SGD(groups, lr=groups[0]["lr"], momentum=self.momentum,
-                                        weight_decay=self.weight_decay)
+                                        weight_decay=self.weight_decay, **fused)
         elif self.optimizer == "adam":
             optimizer = torch.optim.Adam(groups, lr=groups[0]["lr"], betas=(0.9, 0.999),
-                                         weight_decay=self.weight_decay)
+                                         weight_decay=self.weight_decay, **fused)
         else:
             raise ValueError(f"unknown optimizer {self.optimizer!r}; known: {', '.join(CHOICES['optimizer'])}")
         if self.schedule == "step":
@@ -69,3 +70,11 @@ class TrainingRecipe:
             raise ValueError(f"unknown schedule {self.schedule!r}; known: {', '.join(CHOICES['schedule'])}")
         return optimizer, schedule
 
+
+def fused_supported(groups: List[Dict[str, Any]]) -> Dict[str, bool]:
+    """``{"fused": True}`` when every parameter is a floating-point CUDA tensor (one kernel per step for all
+    parameters), else nothing: CPU runs keep the default implementation, so their results stay as they were."""
+    params = [p for g in groups for p in g["params"]]
+    if params and all(p.is_cuda and p.is_floating_point() for p in params):
+        return {"fused": True}
+    return {}

@@ -57,7 +57,7 @@ def run_seed(cfg: RunConfig, seed: int, run_dir: Path, accelerator, data: Datase
     device = accelerator.device
     model.to(device)
     check_batch_split(cfg.batch_size, accelerator.num_processes)
-    cfg = cfg.replace(device_augment=resolve_device_augment(cfg.device_augment, data, device))
+    cfg = cfg.replace(device_augment=resolve_device_augment(cfg.device_augment, data, device, cfg.image_size, log))
     header = {"seed": seed, "config": cfg.to_dict(), "class_order": order,
               "class_names": [data.class_names[c] for c in order], "task_sizes": list(cfg.task_sizes),
               "data_fingerprint": data.fingerprint(), "versions": library_versions()}

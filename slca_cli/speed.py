@@ -45,7 +45,7 @@ def make_accelerator(device: str, precision: str):
     on_gpu = device != "cpu" and not launched_on_cpu and torch.cuda.is_available()
     precision = resolve_precision(precision, on_gpu)
     accelerator = Accelerator(cpu=device == "cpu", mixed_precision=accelerate_mixed_precision(precision),
-                              dataloader_config=DataLoaderConfiguration(split_batches=True))
+                              dataloader_config=DataLoaderConfiguration(split_batches=True, non_blocking=True))
     enable_fp16_on_cpu(accelerator)
     return accelerator
 
@@ -79,9 +79,24 @@ def enable_fused_attention(module: nn.Module) -> int:
 
 
 def compile_backbone(backbone: nn.Module, backend: Optional[str] = None) -> nn.Module:
-    """``torch.compile`` the backbone in place (``nn.Module.compile``): parameter names and state-dict keys stay
-    as they are, so checkpoints of compiled and eager runs are interchangeable. Compilation happens lazily at
-    the first forward. ``SLCA_COMPILE_BACKEND`` picks another backend than inductor (``eager`` to debug graph
-    breaks, or in tests, where inductor's code generation takes a minute on a small CPU)."""
-    backbone.compile(backend=backend or os.environ.get("SLCA_COMPILE_BACKEND", "inductor"))
+    """``torch.compile`` the backbone's forward for full batches only: the first batch size seen in training
+    mode and the first in evaluation mode run the compiled graph, any other (a partial last batch) runs eagerly,
+    so no task, seed or resume recompiles for its odd last batch. Parameter names and state-dict keys stay as
+    they are (only ``forward`` is wrapped), so checkpoints of compiled and eager runs are interchangeable.
+    Compilation happens lazily at the first forward; inductor's cache lives in ``~/.cache/slca/inductor``
+    (``TORCHINDUCTOR_CACHE_DIR`` to move it), so later runs load the compiled code instead of compiling again.
+    ``SLCA_COMPILE_BACKEND`` picks another backend than inductor (``eager`` to debug graph breaks, or in tests,
+    where inductor's code generation takes a minute on a small CPU)."""
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.expanduser("~/.cache/slca/inductor"))
+    eager = backbone.forward
+    compiled = torch.compile(eager, backend=backend or os.environ.get("SLCA_COMPILE_BACKEND", "inductor"),
+                             dynamic=False)
+    full: dict = {}
+
+    def forward(images, *args, **kwargs):
+        size = full.setdefault(backbone.training, images.shape[0])
+        return (compiled if images.shape[0] == size else eager)(images, *args, **kwargs)
+
+    forward.slca_compiled = compiled  # what runs full batches (tests look at it)
+    backbone.forward = forward
     return backbone

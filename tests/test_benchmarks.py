@@ -42,3 +42,10 @@ def test_gpu_peak_lookup_knows_the_names_torch_reports():
              "NVIDIA A100-SXM4-80GB": "A100", "NVIDIA A100 80GB PCIe": "A100", "NVIDIA GeForce RTX 4090": None}
     assert {name: gpu_model(name) for name in names} == names
     assert PEAK_FLOPS[gpu_model("NVIDIA H100 80GB HBM3")]["bf16"] == 989e12
+
+
+def test_data_benchmark_runs_on_a_small_tree(tmp_path):
+    stdout = run_script("bench_data.py", "--images", 12, "--size", 32, "--batch", 8, "--out", tmp_path)
+    assert "fine-grained train" in stdout
+    result = json.loads((tmp_path / "bench_data-cpu.json").read_text())
+    assert result["images"] == 12 and all(v > 0 for v in result["images_per_s_per_core"].values())

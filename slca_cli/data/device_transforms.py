@@ -11,7 +11,7 @@ samples exactly the points torchvision's tensor Resize(antialias=False) + Center
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -87,9 +87,20 @@ def crop_resize(images: torch.Tensor, boxes: Boxes, size: int, flip: Optional[to
     return F.grid_sample(images, grid, mode="bicubic", padding_mode="border", align_corners=False)
 
 
+_CHANNEL_STATS: Dict[Tuple, torch.Tensor] = {}
+
+
+def channel_tensor(values: Sequence[float], device, dtype) -> torch.Tensor:
+    """``values`` as a (1, C, 1, 1) tensor on ``device``, made once and reused: no host-to-device copy per batch."""
+    key = (tuple(float(v) for v in values), str(device), dtype)
+    if key not in _CHANNEL_STATS:
+        _CHANNEL_STATS[key] = torch.tensor(key[0], device=device, dtype=dtype).view(1, -1, 1, 1)
+    return _CHANNEL_STATS[key]
+
+
 def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    m = torch.tensor(mean, device=images.device, dtype=images.dtype).view(1, -1, 1, 1)
-    s = torch.tensor(std, device=images.device, dtype=images.dtype).view(1, -1, 1, 1)
+    m = channel_tensor(mean, images.device, images.dtype)
+    s = channel_tensor(std, images.device, images.dtype)
     return (images - m) / s
 
 

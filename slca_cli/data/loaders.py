@@ -2,6 +2,7 @@
 split held once as uint8 on the training device with the transforms applied batched there (small images)."""
 from __future__ import annotations
 
+import sys
 from typing import Callable, Optional, Sequence
 
 import numpy as np
@@ -11,14 +12,43 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from ..errors import SlcaError
 from ..signals import worker_init
 from .base import ArraySplit, DatasetSplits, LabelledSplit, RemappedSubset
-from .device_transforms import cifar_train_batch, eval_batch
+from .decoded import build_cache
+from .device_crops import cached_eval_batch, crop_train_batch, fine_grained_train_batch
+from .device_path import DEVICE_AUGMENT_STYLES, pass_geometries, why_not_on_device
+from .device_transforms import cifar_train_batch, eval_batch, normalize, to_float
+from .transforms import build_transforms
 
-DEVICE_AUGMENT_STYLES = ("cifar",)
+
+def _to_stderr(line: str) -> None:
+    print(line, file=sys.stderr)
+
+
+INFERENCE_BATCH_FACTOR = 2
+PIL_STYLES = ("cifar", "crop", "fine-grained", "digits")
+
+
+class DeviceNormalize:
+    """uint8 host batches -> normalized float32 on their device, the same ops as ToTensor + Normalize (so the
+    same numbers); float batches pass unchanged. Host loaders carry one as ``finish_batch``."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]):
+        self.mean, self.std = tuple(mean), tuple(std)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        if images.dtype != torch.uint8:
+            return images
+        return normalize(to_float(images), self.mean, self.std)
+
+
+def finish_batch(loader) -> Callable[[torch.Tensor], torch.Tensor]:
+    """What a pass applies to each batch of ``loader`` once it is on the device (identity for most loaders)."""
+    return getattr(loader, "finish_batch", None) or (lambda images: images)
 
 
 class SeededShuffle(Sampler):
-    """Each epoch: a permutation of the items and one seed per item, both drawn from ``generator`` (the loader's,
-    so --checkpoint-every saves and restores it). Yields (index, seed) keys for ``PerItemRandomness``."""
+    """Each epoch: a permutation of the items and one seed per item, both drawn from ``generator``, the shuffle's
+    own (--checkpoint-every saves and restores it; the DataLoader's, which seeds its workers once, is another).
+    Yields (index, seed) keys for ``PerItemRandomness``."""
 
     def __init__(self, num_items: int, generator: torch.Generator):
         self.num_items, self.generator = num_items, generator
@@ -27,6 +57,9 @@ class SeededShuffle(Sampler):
         return self.num_items
 
     def __iter__(self):
+        # Where the DataLoader drew its workers' base seed when it shared this generator: drawn still, so the
+        # stream (and every earlier run's data order) is what it was.
+        torch.empty((), dtype=torch.int64).random_(generator=self.generator)
         order = torch.randperm(self.num_items, generator=self.generator).tolist()
         seeds = torch.randint(0, 2**62, (self.num_items,), generator=self.generator).tolist()
         return iter(zip(order, seeds))
@@ -53,25 +86,40 @@ class PerItemRandomness(Dataset):
 def host_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int, workers: int,
                 pin_memory: bool = False) -> DataLoader:
     """A DataLoader whose order and augmentation come from ``seed`` only: a shuffled loader draws every item's
-    transform seed with the permutation (SeededShuffle), so the images are the same with any number of workers.
-    Workers are started afresh every epoch (not persistent), so a run resumed at an epoch boundary
-    (--checkpoint-every) continues exactly as a straight run does."""
-    generator = torch.Generator().manual_seed(seed)
-    sampler = SeededShuffle(len(dataset), generator) if shuffle else None
-    return DataLoader(PerItemRandomness(dataset) if shuffle else dataset, batch_size=batch_size, sampler=sampler,
-                      generator=generator, num_workers=workers, pin_memory=pin_memory, drop_last=False,
-                      persistent_workers=False, worker_init_fn=worker_init if workers > 0 else None)
+    transform seed with the permutation (SeededShuffle, from its own generator), so the images are the same with
+    any number of workers. Workers persist across the epochs of a loader: they only run seeded transforms, and
+    the DataLoader's generator (drawn once for their base seed) is not the shuffle's, so a run resumed at an epoch
+    boundary (--checkpoint-every) continues exactly as a straight run does."""
+    sampler = SeededShuffle(len(dataset), torch.Generator().manual_seed(seed)) if shuffle else None
+    loader = DataLoader(PerItemRandomness(dataset) if shuffle else dataset, batch_size=batch_size, sampler=sampler,
+                        generator=torch.Generator().manual_seed(seed + 1), num_workers=workers,
+                        pin_memory=pin_memory, drop_last=False, persistent_workers=workers > 0,
+                        worker_init_fn=worker_init if workers > 0 else None)
+    loader.shuffle_generator = sampler.generator if shuffle else loader.generator
+    return loader
 
 
-def resolve_device_augment(flag: Optional[bool], data: DatasetSplits, device: torch.device) -> bool:
-    """``--augment-on-device``: default on for CIFAR-style data on a GPU, off elsewhere."""
+def shuffle_generator(loader) -> torch.Generator:
+    """The generator that decides a training loader's next epochs (saved and restored by --checkpoint-every)."""
+    return getattr(loader, "shuffle_generator", None) or loader.generator
+
+
+def resolve_device_augment(flag: Optional[bool], data: DatasetSplits, device: torch.device,
+                           image_size: Optional[int] = None, log: Optional[Callable[[str], None]] = None) -> bool:
+    """``--augment-on-device``: default on for the benchmarks' image datasets on a GPU, off elsewhere. With
+    ``image_size``, a path whose decoded images do not fit (disk, GPU memory) falls back to the host with one line."""
     supported = data.transform_style in DEVICE_AUGMENT_STYLES
     if flag is None:
-        return supported and device.type == "cuda"
-    if flag and not supported:
-        raise SlcaError(f"--augment-on-device implements the CIFAR transforms only; {data.name} uses the "
-                        f"'{data.transform_style}' transforms on host workers: drop the flag or pass "
+        flag = supported and device.type == "cuda"
+    elif flag and not supported:
+        raise SlcaError(f"--augment-on-device implements the CIFAR, fine-grained and crop transforms; {data.name} "
+                        f"uses the '{data.transform_style}' transforms on host workers: drop the flag or pass "
                         f"--augment-on-host")
+    if flag and image_size is not None:
+        reason = why_not_on_device(data, image_size, device)
+        if reason:
+            (log or _to_stderr)(f"augment-on-device: {reason}; using the host path (--augment-on-host)")
+            return False
     return flag
 
 
@@ -120,9 +168,9 @@ class DeviceLoader:
     on_device = True
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor, batch_size: int,
-                 transform: Callable[[torch.Tensor, Optional[torch.Generator]], torch.Tensor], *,
-                 shuffle: bool, seed: int = 0, rank: int = 0, world: int = 1):
-        self.images, self.labels, self.indices = images, labels, indices
+                 transform: Callable[..., torch.Tensor], *,
+                 shuffle: bool, seed: int = 0, rank: int = 0, world: int = 1, sizes: Optional[torch.Tensor] = None):
+        self.images, self.labels, self.indices, self.sizes = images, labels, indices, sizes
         self.batch_size, self.transform, self.shuffle = batch_size, transform, shuffle
         self.seed, self.rank, self.world, self.epoch = seed, rank, world, 0
         self.augment_generator = torch.Generator(device=images.device).manual_seed(seed * 7919 + rank)
@@ -141,7 +189,7 @@ class DeviceLoader:
 
     def for_process(self, rank: int, world: int) -> "DeviceLoader":
         return DeviceLoader(self.images, self.labels, self.indices[rank::world], self.batch_size, self.transform,
-                            shuffle=False, seed=self.seed, rank=rank, world=world)
+                            shuffle=False, seed=self.seed, rank=rank, world=world, sizes=self.sizes)
 
     def _batches(self):
         if not self.shuffle:
@@ -159,7 +207,10 @@ class DeviceLoader:
     def __iter__(self):
         generator = self.augment_generator if self.shuffle else None
         for batch in self._batches():
-            yield self.transform(self.images[batch], generator), self.labels[batch]
+            if self.sizes is None:
+                yield self.transform(self.images[batch], generator), self.labels[batch]
+            else:  # images of different true sizes in one canvas (decoded.py, bounded geometry)
+                yield self.transform(self.images[batch], generator, self.sizes[batch]), self.labels[batch]
 
 
 class PassLoaders:
@@ -167,54 +218,95 @@ class PassLoaders:
 
     def __init__(self, data: DatasetSplits, remap: Sequence[int], *, batch_size: int, image_size: int,
                  mean: Sequence[float], std: Sequence[float], device: torch.device, workers: int,
-                 on_device: bool, rank: int = 0, world: int = 1):
+                 on_device: bool, rank: int = 0, world: int = 1, log: Optional[Callable[[str], None]] = None):
         self.data, self.remap, self.batch_size = data, list(remap), batch_size
         self.image_size, self.mean, self.std = image_size, tuple(mean), tuple(std)
         self.device, self.workers, self.on_device = device, workers, on_device
         self.rank, self.world = rank, world
+        # Statistics and test passes keep no activations for a backward pass: twice the batch, same results.
+        self.eval_batch_size = batch_size * INFERENCE_BATCH_FACTOR
         self.pin = device.type == "cuda"
+        self.log = log or _to_stderr
         self._stores = {}
 
-    def _store(self, split_name: str):
-        """(uint8 images, class-order labels) of a split on the device, uploaded on first use."""
-        if split_name not in self._stores:
+    def _store(self, pass_name: str):
+        """(uint8 images, class-order labels, true sizes or None) a pass reads, on the device, on first use: a
+        CIFAR split's originals (NCHW), or a JPEG split's decoded cache (NHWC, decoded.py)."""
+        split_name, geometry = pass_geometries(self.data.transform_style, self.image_size)[pass_name]
+        if (split_name, geometry) not in self._stores:
             split = getattr(self.data, split_name)
-            images = uint8_images(split, self.workers).to(self.device)
+            sizes = None
+            if geometry is None:
+                images = uint8_images(split, self.workers).to(self.device)
+            else:
+                cache = build_cache(split, geometry, self.workers, self.log if self.rank == 0 else None)
+                images = _upload(torch.from_numpy(cache.images), self.device)
+                if geometry.kind == "bounded":
+                    sizes = torch.from_numpy(cache.sizes).to(self.device)
             remap = torch.tensor(self.remap, dtype=torch.long)
             labels = remap[torch.tensor(split.labels, dtype=torch.long)].to(self.device)
-            self._stores[split_name] = (images, labels)
-        return self._stores[split_name]
+            self._stores[(split_name, geometry)] = (images, labels, sizes)
+        return self._stores[(split_name, geometry)]
 
-    def _device_loader(self, split_name: str, classes: Sequence[int], train: bool, seed: int = 0):
-        images, labels = self._store(split_name)
+    def _device_loader(self, pass_name: str, classes: Sequence[int], seed: int = 0):
+        images, labels, sizes = self._store(pass_name)
         wanted = torch.zeros(len(self.remap), dtype=torch.bool, device=self.device)
         wanted[torch.tensor(list(classes), dtype=torch.long, device=self.device)] = True
         indices = torch.nonzero(wanted[labels]).flatten()
-        size, mean, std = self.image_size, self.mean, self.std
-        if train:
-            transform = lambda x, g: cifar_train_batch(x, size, mean, std, g)  # noqa: E731
+        size, mean, std, style = self.image_size, self.mean, self.std, self.data.transform_style
+        if pass_name == "train":
+            if style == "fine-grained":
+                transform = lambda x, g: fine_grained_train_batch(x, size, mean, std, g)  # noqa: E731
+            elif style == "crop":
+                transform = lambda x, g, hw: crop_train_batch(x, hw, size, mean, std, g)  # noqa: E731
+            else:
+                transform = lambda x, g: cifar_train_batch(x, size, mean, std, g)  # noqa: E731
             return DeviceLoader(images, labels, indices, self.batch_size, transform, shuffle=True, seed=seed,
-                                rank=self.rank, world=self.world)
-        transform = lambda x, g: eval_batch(x, size, mean, std)  # noqa: E731
-        return DeviceLoader(images, labels, indices, self.batch_size, transform, shuffle=False)
+                                rank=self.rank, world=self.world, sizes=sizes)
+        if style == "cifar":
+            transform = lambda x, g: eval_batch(x, size, mean, std)  # noqa: E731
+        else:
+            transform = lambda x, g: cached_eval_batch(x, mean, std)  # noqa: E731
+        return DeviceLoader(images, labels, indices, self.eval_batch_size, transform, shuffle=False)
+
+    def _host(self, split, classes, transform_index: int, batch_size: int, shuffle: bool, seed: int = 0):
+        """A host loader; PIL datasets send uint8 batches (normalized on the device by ``finish_batch``)."""
+        if self.data.transform_style in PIL_STYLES:
+            transform = build_transforms(self.data.transform_style, self.image_size, self.mean, self.std,
+                                         uint8=True)[transform_index]
+        else:
+            transform = (self.data.train.transform, self.data.test.transform)[transform_index]
+        loader = host_loader(RemappedSubset(split, self.remap, classes, transform=transform), batch_size, shuffle,
+                             seed, self.workers, self.pin)
+        if self.data.transform_style in PIL_STYLES:
+            loader.finish_batch = DeviceNormalize(self.mean, self.std)
+        return loader
 
     def train(self, classes: Sequence[int], seed: int):
         """Training images of ``classes`` under the train transform, shuffled from ``seed``."""
         if self.on_device:
-            return self._device_loader("train", classes, True, seed)
-        return host_loader(RemappedSubset(self.data.train, self.remap, classes), self.batch_size, True, seed,
-                           self.workers, self.pin)
+            return self._device_loader("train", classes, seed)
+        return self._host(self.data.train, classes, 0, self.batch_size, True, seed)
 
     def statistics(self, classes: Sequence[int]):
         """Training images of ``classes`` under the test transform (class statistics)."""
         if self.on_device:
-            return self._device_loader("train", classes, False)
-        subset = RemappedSubset(self.data.train, self.remap, classes, transform=self.data.test.transform)
-        return host_loader(subset, self.batch_size, False, 0, self.workers, self.pin)
+            return self._device_loader("statistics", classes)
+        return self._host(self.data.train, classes, 1, self.eval_batch_size, False)
 
     def test(self, classes: Sequence[int]):
         """Test images of ``classes`` under the test transform."""
         if self.on_device:
-            return self._device_loader("test", classes, False)
-        return host_loader(RemappedSubset(self.data.test, self.remap, classes), self.batch_size, False, 0,
-                           self.workers, self.pin)
+            return self._device_loader("test", classes)
+        return self._host(self.data.test, classes, 1, self.eval_batch_size, False)
+
+
+def _upload(images: torch.Tensor, device: torch.device, chunk: int = 1024) -> torch.Tensor:
+    """A (memory-mapped) host tensor on ``device``: a CPU device reads the mapping itself (no copy); a GPU gets
+    it in chunks, so no second full-size host buffer is ever made."""
+    if device.type == "cpu":
+        return images
+    out = torch.empty(images.shape, dtype=images.dtype, device=device)
+    for start in range(0, len(images), chunk):
+        out[start:start + chunk].copy_(images[start:start + chunk])
+    return out

@@ -14,10 +14,11 @@ def _test_resize(image_size: int) -> int:
 
 
 def build_transforms(style: str, image_size: int, mean: Sequence[float],
-                     std: Sequence[float]) -> Tuple[Callable, Callable]:
+                     std: Sequence[float], uint8: bool = False) -> Tuple[Callable, Callable]:
     """(train, test) transforms for PIL images. ``style``: cifar, crop (ImageNet-R, folder),
-    fine-grained or digits."""
-    normalize = [T.ToTensor(), T.Normalize(mean, std)]
+    fine-grained or digits. ``uint8``: end in a uint8 CHW tensor instead, normalized later on the device
+    (loaders.DeviceNormalize), a quarter of the bytes through pinned memory."""
+    normalize = [T.PILToTensor()] if uint8 else [T.ToTensor(), T.Normalize(mean, std)]
     if style == "cifar":
         train = [T.RandomResizedCrop(image_size, interpolation=BICUBIC), T.RandomHorizontalFlip(),
                  T.ColorJitter(brightness=63 / 255)]
