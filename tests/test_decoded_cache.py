@@ -5,7 +5,6 @@ import io
 import os
 import shutil
 import tarfile
-from pathlib import Path
 
 import numpy as np
 import pytest
