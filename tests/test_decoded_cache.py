@@ -5,7 +5,6 @@ import io
 import os
 import shutil
 import tarfile
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -326,3 +325,27 @@ def test_a_build_lock_left_by_a_killed_process_is_taken_over(jpeg_split, tmp_pat
     lock.write_text(f"{socket.gethostname()} {dead.stdout.strip()}\n")
     cache = build_cache(jpeg_split, geometry)
     assert cache.images.shape[0] == len(jpeg_split) and not lock.exists()
+
+
+def test_killed_mid_task_on_the_device_path_resumes_bit_for_bit(tmp_path, cli):
+    """--checkpoint-every on cub200 with --augment-on-device: SIGKILL in task 2's second epoch, --resume, and
+    the weights and statistics equal a straight run's (the augmentation generator and epoch are restored)."""
+    import signal
+    from procs import Running
+
+    root = write_cub(tmp_path / "cub", num_classes=200, per_class=2, train_per_class=1)
+    args = ["train", "--dataset", "cub200", "--data-root", root, *FLAGS, "--tasks", 2, "--epochs", 2,
+            "--batch-size", 8, "--augment-on-device", "--checkpoint-every", 1]
+    code, _, stderr = cli(*args, "--out", tmp_path / "straight")
+    assert code == 0, stderr
+    point = "fit task=2 epoch=2 batch=2"
+    killed = Running([*args, "--out", tmp_path / "killed"], env={"SLCA_STALL_AT": point})
+    killed.wait_for(f"stalled at {point}")
+    killed.proc.send_signal(signal.SIGKILL)
+    assert killed.finish() == -signal.SIGKILL
+    assert read_json(tmp_path / "killed" / "seed-1993" / "in-progress" / "state.json")["epoch"] == 1
+    code, stdout, stderr = cli(*args, "--out", tmp_path / "killed", "--resume")
+    assert code == 0 and "resuming task 2 after epoch 1" in stdout, stderr
+    for folder in ("task-01", "task-02"):
+        assert read_json(tmp_path / "killed" / "seed-1993" / folder / "state.json")["sha256"] == \
+            read_json(tmp_path / "straight" / "seed-1993" / folder / "state.json")["sha256"], folder
