@@ -290,7 +290,7 @@ def probe_command(
 @user_errors
 def backbones_command():
     """List registered backbones: aliases, input size, where the weights come from, whether they are here."""
-    from backbones import list_backbones
+    from slca_cli.backbones import list_backbones
 
     for spec in list_backbones():
         present = {True: "weights present", False: "weights not downloaded", None: "weights unknown"}[
@@ -298,7 +298,7 @@ def backbones_command():
         aliases = f" (aliases: {', '.join(spec.aliases)})" if spec.aliases else ""
         typer.echo(f"{spec.name}{aliases}\n    {spec.description}\n    {spec.image_size} px, family {spec.family}; "
                    f"weights: {spec.weights_source}; {present}")
-    from backbones.cache import weights_dir
+    from slca_cli.backbones.cache import weights_dir
     typer.echo(f"timm:<model name>\n    any timm model (e.g. timm:vit_small_patch16_224.augreg_in21k); weights from "
                f"the Hugging Face hub or --weights FILE\nweights folder (checkpoints not on the hub): {weights_dir()} "
                f"(set $SLCA_WEIGHTS_DIR to move it)")

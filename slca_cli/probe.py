@@ -98,7 +98,7 @@ def last_task_dir(seed_dir: Path, task: Optional[int]) -> Path:
 
 def load_model(task_dir: Path):
     """(model with the checkpoint's weights, its RunConfig, its state.json) from a task folder alone."""
-    from backbones import get_backbone
+    from slca_cli.backbones import get_backbone
 
     from .runner import build_model
     state = read_state(task_dir)

@@ -16,7 +16,7 @@ from typing import Any, Callable, Dict, List, Optional
 import numpy as np
 import torch
 
-from backbones import BackboneSpec, get_backbone
+from slca_cli.backbones import BackboneSpec, get_backbone
 
 from . import __version__
 from .alignment import align_classifier
