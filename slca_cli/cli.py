@@ -25,6 +25,12 @@ def _err(message: str) -> None:
     typer.echo(f"error: {message}", err=True)
 
 
+def progress_mode(progress: str, no_progress: bool) -> bool:
+    """Set the progress mode for this command (progress.py); False when nothing is to be shown."""
+    from .progress import configure
+    return configure("off" if no_progress else progress) != "off"
+
+
 def user_errors(fn):
     """Bad input ends in one line on stderr and exit code 2, never a traceback."""
     @functools.wraps(fn)
@@ -119,7 +125,9 @@ def train(
     resume: bool = typer.Option(False, "--resume", help="Continue after the last complete task-NN/ folder."),
     checkpoint_every: int = typer.Option(0, help="Also save the task being trained every N epochs "
                                                  "(in-progress/), so --resume continues mid-task. 0: off."),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars on stderr."),
+    progress: str = typer.Option("auto", help="Progress on stderr: bar (tqdm), lines (one plain line per epoch "
+                                             "and stage), off; auto: bars on a terminal, else lines."),
+    no_progress: bool = typer.Option(False, "--no-progress", hidden=True, help="Same as --progress off."),
     accelerate_config: Optional[str] = typer.Option(
         None, help="Run under `accelerate launch` with this accelerate config file (default: accelerate's default "
                    "config when it asks for several processes; 'none' to ignore it)."),
@@ -142,6 +150,7 @@ def train(
                  prompt_top_k=prompt_top_k, g_prompt_length=g_prompt_length, matching_weight=matching_weight)
     if checkpoint_every < 0:
         raise SlcaError(f"--checkpoint-every must be 0 (off) or a number of epochs, got {checkpoint_every}")
+    show_progress = progress_mode(progress, no_progress)
     cfg, data = resolve_run(dataset, backbone, method, flags)
     accelerator = make_accelerator(device, cfg.precision)
     out = out or Path("runs") / f"{cfg.dataset}-{cfg.backbone}-{cfg.method}"
@@ -156,7 +165,7 @@ def train(
             with guarded_seed(run_dir, s, cfg.batch_size, log, accelerator.is_main_process,
                               accelerator.wait_for_everyone):
                 results.append(run_seed(cfg, s, run_dir, accelerator, data, resume=resume, log=log,
-                                        show_progress=progress, checkpoint_every=checkpoint_every))
+                                        show_progress=show_progress, checkpoint_every=checkpoint_every))
         except KeyboardInterrupt as stop:  # SIGINT / SIGTERM: the checkpoint being written was finished first
             _err(interrupt_message(stop, s, run_dir, sys.argv[1:]))
             raise typer.Exit(stop_exit_code(stop))
@@ -185,12 +194,14 @@ def eval_checkpoint(
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     batch_size: Optional[int] = typer.Option(None, help="Evaluation batch size (does not change the result)."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars on stderr."),
+    progress: str = typer.Option("auto", help="Progress on stderr: bar (tqdm), lines (one plain line per epoch "
+                                             "and stage), off; auto: bars on a terminal, else lines."),
+    no_progress: bool = typer.Option(False, "--no-progress", hidden=True, help="Same as --progress off."),
 ):
     """Score a checkpoint on the test images of every class it has seen; rebuilt from the folder alone."""
     from .runner import evaluate_checkpoint
 
-    result = evaluate_checkpoint(path, data_root, device, batch_size, progress)
+    result = evaluate_checkpoint(path, data_root, device, batch_size, progress_mode(progress, no_progress))
     from accelerate import PartialState
     if not PartialState().is_main_process:  # under accelerate launch every process evaluates its shard
         return
@@ -219,7 +230,9 @@ def demo_command(
     test_per_class: Optional[int] = typer.Option(None, help="Use at most this many test images per digit (all: "
                                                             "about 60)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars on stderr."),
+    progress: str = typer.Option("auto", help="Progress on stderr: bar (tqdm), lines (one plain line per epoch "
+                                             "and stage), off; auto: bars on a terminal, else lines."),
+    no_progress: bool = typer.Option(False, "--no-progress", hidden=True, help="Same as --progress off."),
 ):
     """A real continual-learning experiment in minutes on a CPU, offline: scikit-learn's handwritten digits in
     5 tasks, a pre-trained backbone, Seq FT vs slow learner vs SLCA; prints the comparison, writes the report."""
@@ -227,7 +240,7 @@ def demo_command(
 
     outcome = run_demo(out, backbone=backbone, epochs=epochs, batch_size=batch_size,
                        image_size=image_size, train_per_class=train_per_class, test_per_class=test_per_class,
-                       device=device, log=typer.echo, show_progress=progress)
+                       device=device, log=typer.echo, show_progress=progress_mode(progress, no_progress))
     typer.echo("")
     typer.echo(comparison_table(outcome))
     typer.echo(f"\nreport: {', '.join(written_files(outcome))}")
@@ -267,7 +280,9 @@ def probe_command(
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     batch_size: Optional[int] = typer.Option(None, help="Feature extraction batch size."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars on stderr."),
+    progress: str = typer.Option("auto", help="Progress on stderr: bar (tqdm), lines (one plain line per epoch "
+                                             "and stage), off; auto: bars on a terminal, else lines."),
+    no_progress: bool = typer.Option(False, "--no-progress", hidden=True, help="Same as --progress off."),
 ):
     """Train a fresh linear classifier on all seen classes over the frozen, continually learned backbone and
     compare it with the model's own classifier (and with joint training); writes probe.json per seed."""
@@ -276,7 +291,7 @@ def probe_command(
     if classifier not in CLASSIFIERS:
         raise SlcaError(f"--classifier must be one of {', '.join(CLASSIFIERS)}, got '{classifier}'")
     outcome = run_probe(run, joint, data_root=data_root, device=device, task=task, classifier=classifier,
-                        batch_size=batch_size, show_progress=progress)
+                        batch_size=batch_size, show_progress=progress_mode(progress, no_progress))
     if as_json:
         typer.echo(json.dumps({k: v for k, v in outcome.items() if k != "table"}, indent=2))
         return
@@ -328,13 +343,15 @@ def datasets_prepare(
                                   help="Fetch what has a stable public address (CIFAR-100, ImageNet-R) if absent."),
     check_images: bool = typer.Option(True, "--check-images/--no-check-images",
                                       help="Decode every image and list the unreadable ones."),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars on stderr."),
+    progress: str = typer.Option("auto", help="Progress on stderr: bar (tqdm), lines (one plain line per epoch "
+                                             "and stage), off; auto: bars on a terminal, else lines."),
+    no_progress: bool = typer.Option(False, "--no-progress", hidden=True, help="Same as --progress off."),
 ):
     """Check a dataset's files, build our split, print counts per split and class; download when possible."""
     from .data.prepare import prepare_dataset
 
-    prepare_dataset(name, data_root, download=download, check_images=check_images, show_progress=progress,
-                    echo=typer.echo)
+    prepare_dataset(name, data_root, download=download, check_images=check_images,
+                    show_progress=progress_mode(progress, no_progress), echo=typer.echo)
 
 
 def main() -> None:

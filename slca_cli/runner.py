@@ -252,7 +252,8 @@ def run_seed(cfg: RunConfig, seed: int, run_dir: Path, accelerator, data: Datase
         # Class statistics of the new classes: test transform, eval mode, computed once. Each process reads its
         # own shard; the partial sums are all-reduced, so every process holds the same statistics.
         accumulator = ClassStatistics(len(new_classes), model.feature_dim, device=device)
-        for features, labels in feature_batches(model, loaders.statistics(new_classes), accelerator, "statistics",
+        for features, labels in feature_batches(model, loaders.statistics(new_classes), accelerator,
+                                                f"task {task + 1} statistics",
                                                 show_progress):
             accumulator.update(features, labels - offset)
         accumulator.all_reduce(lambda t: sum_across_processes(t, accelerator))
@@ -279,7 +280,7 @@ def run_seed(cfg: RunConfig, seed: int, run_dir: Path, accelerator, data: Datase
 
         mark("evaluate", task=task + 1)
         correct, total = evaluate(model, loaders.test(list(range(offset + cfg.task_sizes[task]))), accelerator,
-                                  seen_sizes, show_progress)
+                                  seen_sizes, show_progress, desc=f"task {task + 1} evaluate")
         counts.append({"correct": correct, "total": total})
         seconds.append(time.perf_counter() - started)
         memory.append(peak_memory_mb(device))
@@ -352,8 +353,8 @@ def check_same_data(last_task: Path, header: Dict[str, Any]) -> None:
 
 
 def _progress(total: int, desc: str, enabled: bool):
-    from tqdm.auto import tqdm
-    return tqdm(total=total, desc=desc, unit="epoch", leave=False, disable=not enabled)
+    from .progress import progress
+    return progress(desc, total, "epoch", enabled=enabled)
 
 
 def class_remap(order: List[int]) -> List[int]:
