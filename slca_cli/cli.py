@@ -125,6 +125,9 @@ def train(
     resume: bool = typer.Option(False, "--resume", help="Continue after the last complete task-NN/ folder."),
     checkpoint_every: int = typer.Option(0, help="Also save the task being trained every N epochs "
                                                  "(in-progress/), so --resume continues mid-task. 0: off."),
+    log_with: List[str] = typer.Option([], help="Also log to this tracker (repeatable): wandb, mlflow, aim, "
+                                                "comet_ml, clearml, dvclive, tensorboard (events/, always "
+                                                "written), or all. Each is a pip extra: slca[wandb], ..."),
     progress: str = typer.Option("auto", help="Progress on stderr: bar (tqdm), lines (one plain line per epoch "
                                              "and stage), off; auto: bars on a terminal, else lines."),
     no_progress: bool = typer.Option(False, "--no-progress", hidden=True, help="Same as --progress off."),
@@ -151,9 +154,11 @@ def train(
     if checkpoint_every < 0:
         raise SlcaError(f"--checkpoint-every must be 0 (off) or a number of epochs, got {checkpoint_every}")
     show_progress = progress_mode(progress, no_progress)
+    from .tracking import close_open_trackers, resolve_log_with
+    trackers = resolve_log_with(log_with)
     cfg, data = resolve_run(dataset, backbone, method, flags)
-    accelerator = make_accelerator(device, cfg.precision)
     out = out or Path("runs") / f"{cfg.dataset}-{cfg.backbone}-{cfg.method}"
+    accelerator = make_accelerator(device, cfg.precision, trackers, project_dir=str(out))
     log = accelerator.print
     log(f"{cfg.dataset} ({cfg.num_classes} classes, tasks {list(cfg.task_sizes)}) | {cfg.backbone} | {cfg.method} "
         f"| {cfg.epochs} epochs, lr backbone {cfg.lr_backbone:g} head {cfg.lr_head:g} | "
@@ -169,6 +174,8 @@ def train(
         except KeyboardInterrupt as stop:  # SIGINT / SIGTERM: the checkpoint being written was finished first
             _err(interrupt_message(stop, s, run_dir, sys.argv[1:]))
             raise typer.Exit(stop_exit_code(stop))
+        finally:
+            close_open_trackers()
     if accelerator.is_main_process:
         typer.echo(seed_table(results))
 

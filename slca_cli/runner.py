@@ -26,7 +26,6 @@ from .data import DatasetSplits, attach_transforms, load_dataset
 from .data.loaders import PassLoaders, resolve_device_augment
 from .distributed import check_batch_split, sum_across_processes
 from .errors import SlcaError
-from .events import ScalarWriter
 from .learner import default_workers, evaluate, feature_batches, fit_task
 from .methods import get_method
 from .metrics import summarize
@@ -39,6 +38,7 @@ from .speed import (accelerate_mixed_precision, compile_backbone, enable_fp16_on
                     resolve_precision)
 from .stages import mark
 from .statistics import ClassStatistics, cholesky_factors
+from .tracking import RunTrackers, accelerate_trackers
 from .validation import stored_data_root
 
 Log = Callable[[str], None]
@@ -54,8 +54,9 @@ def library_versions() -> Dict[str, str]:
             "safetensors": safetensors.__version__, "numpy": np.__version__, "platform": platform.platform()}
 
 
-def make_accelerator(device: str, precision: str):
-    """The Accelerator owns devices, precision and gradient sync (see speed.resolve_precision for ``auto``).
+def make_accelerator(device: str, precision: str, log_with=(), project_dir=None):
+    """The Accelerator owns devices, precision and gradient sync (see speed.resolve_precision for ``auto``),
+    and the ``--log-with`` trackers (tracking.py; ``project_dir``: the run folder).
 
     ``--batch-size`` stays the global batch under several processes (``split_batches``): each process trains on
     its slice, so the optimization matches a one-process run.
@@ -70,7 +71,8 @@ def make_accelerator(device: str, precision: str):
     on_gpu = device != "cpu" and not launched_on_cpu and torch.cuda.is_available()
     precision = resolve_precision(precision, on_gpu)
     accelerator = Accelerator(cpu=device == "cpu", mixed_precision=accelerate_mixed_precision(precision),
-                              dataloader_config=DataLoaderConfiguration(split_batches=True))
+                              dataloader_config=DataLoaderConfiguration(split_batches=True),
+                              log_with=accelerate_trackers(log_with), project_dir=project_dir)
     enable_fp16_on_cpu(accelerator)
     return accelerator
 
@@ -226,7 +228,7 @@ def run_seed(cfg: RunConfig, seed: int, run_dir: Path, accelerator, data: Datase
     loaders = PassLoaders(data, remap, batch_size=cfg.batch_size, image_size=cfg.image_size, mean=cfg.mean,
                           std=cfg.std, device=device, workers=workers, on_device=cfg.device_augment,
                           rank=accelerator.process_index, world=accelerator.num_processes)
-    events = ScalarWriter(run_dir, enabled=accelerator.is_main_process)
+    events = RunTrackers(run_dir, accelerator, cfg.to_dict(), seed)  # events/ and the --log-with trackers
     counts, seconds, memory = point.counts, point.seconds, point.memory
     train_loss = list(point.train_loss or [])
     means, chols = point.means, point.chols
@@ -280,7 +282,7 @@ def run_seed(cfg: RunConfig, seed: int, run_dir: Path, accelerator, data: Datase
 
         mark("evaluate", task=task + 1)
         correct, total = evaluate(model, loaders.test(list(range(offset + cfg.task_sizes[task]))), accelerator,
-                                  seen_sizes, show_progress, desc=f"task {task + 1} evaluate")
+                                  seen_sizes, show_progress, f"task {task + 1} evaluate")
         counts.append({"correct": correct, "total": total})
         seconds.append(time.perf_counter() - started)
         memory.append(peak_memory_mb(device))
@@ -316,10 +318,11 @@ def run_seed(cfg: RunConfig, seed: int, run_dir: Path, accelerator, data: Datase
         record = metrics_record(cfg, seed, counts, seconds, memory, train_loss)
         if accelerator.is_main_process:
             write_metrics(run_dir, record)
+    events.close()
     return record
 
 
-def log_task_scalars(events: ScalarWriter, cfg: RunConfig, task: int, record: Dict[str, Any],
+def log_task_scalars(events: RunTrackers, cfg: RunConfig, task: int, record: Dict[str, Any],
                      losses: List[float], align_losses: List[float]) -> None:
     """TensorBoard scalars of a finished task: losses by global epoch, accuracies, time and memory by task."""
     events.add_series("loss/train", ((task * cfg.epochs + e + 1, v) for e, v in enumerate(losses)))
