@@ -122,6 +122,9 @@ def train(
                                          help="Decode every image first and leave unreadable ones out (listed in "
                                               "the run folder's skipped-images.json) instead of stopping."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    threads: Optional[int] = typer.Option(None, help="CPU threads per process (default: the cores this process "
+                                                     "may use, os.sched_getaffinity, shared among its node's "
+                                                     "processes)."),
     resume: bool = typer.Option(False, "--resume", help="Continue after the last complete task-NN/ folder."),
     checkpoint_every: int = typer.Option(0, help="Also save the task being trained every N epochs "
                                                  "(in-progress/), so --resume continues mid-task. 0: off."),
@@ -137,6 +140,8 @@ def train(
 ):
     """Train a class-incremental run: for each task fit, collect statistics, align, evaluate, save."""
     from .guard import guarded_seed, interrupt_message, stop_exit_code
+    from .threads import set_threads
+    set_threads(threads)
     from .runner import make_accelerator, resolve_run, run_seed
 
     flags = dict(data_root=data_root, weights=weights, tasks=tasks, init_classes=init_classes, increment=increment,
@@ -199,6 +204,9 @@ def eval_checkpoint(
     path: Path = typer.Argument(..., help="A task-NN/ folder of a run."),
     data_root: Optional[str] = typer.Option(None, help="Where the dataset lives, if not where it was trained."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    threads: Optional[int] = typer.Option(None, help="CPU threads per process (default: the cores this process "
+                                                     "may use, os.sched_getaffinity, shared among its node's "
+                                                     "processes)."),
     batch_size: Optional[int] = typer.Option(None, help="Evaluation batch size (does not change the result)."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
     progress: str = typer.Option("auto", help="Progress on stderr: bar (tqdm), lines (one plain line per epoch "
@@ -207,6 +215,9 @@ def eval_checkpoint(
 ):
     """Score a checkpoint on the test images of every class it has seen; rebuilt from the folder alone."""
     from .runner import evaluate_checkpoint
+    from .threads import set_threads
+
+    set_threads(threads)
 
     result = evaluate_checkpoint(path, data_root, device, batch_size, progress_mode(progress, no_progress))
     from accelerate import PartialState
@@ -237,6 +248,9 @@ def demo_command(
     test_per_class: Optional[int] = typer.Option(None, help="Use at most this many test images per digit (all: "
                                                             "about 60)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    threads: Optional[int] = typer.Option(None, help="CPU threads per process (default: the cores this process "
+                                                     "may use, os.sched_getaffinity, shared among its node's "
+                                                     "processes)."),
     progress: str = typer.Option("auto", help="Progress on stderr: bar (tqdm), lines (one plain line per epoch "
                                              "and stage), off; auto: bars on a terminal, else lines."),
     no_progress: bool = typer.Option(False, "--no-progress", hidden=True, help="Same as --progress off."),
@@ -244,6 +258,9 @@ def demo_command(
     """A real continual-learning experiment in minutes on a CPU, offline: scikit-learn's handwritten digits in
     5 tasks, a pre-trained backbone, Seq FT vs slow learner vs SLCA; prints the comparison, writes the report."""
     from .demo import comparison_table, run_demo, written_files
+    from .threads import set_threads
+
+    set_threads(threads)
 
     outcome = run_demo(out, backbone=backbone, epochs=epochs, batch_size=batch_size,
                        image_size=image_size, train_per_class=train_per_class, test_per_class=test_per_class,
@@ -285,6 +302,9 @@ def probe_command(
     classifier: str = typer.Option("logistic", help="logistic (softmax regression, L-BFGS) or ridge (closed form)."),
     data_root: Optional[str] = typer.Option(None, help="Where the dataset lives, if not where it was trained."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    threads: Optional[int] = typer.Option(None, help="CPU threads per process (default: the cores this process "
+                                                     "may use, os.sched_getaffinity, shared among its node's "
+                                                     "processes)."),
     batch_size: Optional[int] = typer.Option(None, help="Feature extraction batch size."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
     progress: str = typer.Option("auto", help="Progress on stderr: bar (tqdm), lines (one plain line per epoch "
@@ -294,6 +314,9 @@ def probe_command(
     """Train a fresh linear classifier on all seen classes over the frozen, continually learned backbone and
     compare it with the model's own classifier (and with joint training); writes probe.json per seed."""
     from .probe import CLASSIFIERS, run_probe
+    from .threads import set_threads
+
+    set_threads(threads)
 
     if classifier not in CLASSIFIERS:
         raise SlcaError(f"--classifier must be one of {', '.join(CLASSIFIERS)}, got '{classifier}'")
@@ -365,7 +388,9 @@ def main() -> None:
     """The `slca` command. `slca train` with an accelerate config for several processes re-runs itself under
     `accelerate launch` (see distributed.launcher_command)."""
     from .distributed import launcher_command
+    from .threads import quiet_waits
 
+    quiet_waits()  # before torch is imported
     try:
         command = launcher_command(sys.argv)
     except SlcaError as exc:
