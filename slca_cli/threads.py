@@ -40,9 +40,9 @@ WAIT_SETTINGS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
 
 def quiet_waits(environ=os.environ) -> bool:
     """OpenMP threads that wait for work sleep instead of spinning (``OMP_WAIT_POLICY=PASSIVE``), unless the user
-    set a wait setting. Spinning threads on a shared CPU burn the cores their peers need: on a loaded 2-core
-    machine a run took 3.5x the wall time and 4x the CPU-seconds (benchmarks/README.md). Takes effect only before
-    torch is imported (the OpenMP runtime reads it when it loads), so ``slca``'s entry point calls it first."""
+    set a wait setting: spinning threads on a shared CPU burn the cores their peers need (benchmarks/README.md,
+    bench_threads). Takes effect only before torch is imported (the OpenMP runtime reads it when it loads), so
+    ``slca``'s entry point calls it first."""
     if any(name in environ for name in WAIT_SETTINGS):
         return False
     environ["OMP_WAIT_POLICY"] = "PASSIVE"
