@@ -24,7 +24,7 @@ if __package__ in (None, ""):  # run as a file: make the repository importable
 
 import torch  # noqa: E402
 
-from backbones import get_backbone
+from slca_cli.backbones import get_backbone
 from benchmarks.bench_statistics import make_features, make_heads
 from benchmarks.bench_train_step import MODES, measure
 from benchmarks.common import (add_backbone_flags, add_threads_flag, apply_threads, clock_name, device_info,

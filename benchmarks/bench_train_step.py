@@ -27,7 +27,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from backbones import get_backbone
+from slca_cli.backbones import get_backbone
 from benchmarks.common import (PeakMemory, add_backbone_flags, add_threads_flag, apply_threads, clock_name,
                                device_info, peak_flops, pick_device, resolve_backbone, synchronize, table, timed,
                                write_result)

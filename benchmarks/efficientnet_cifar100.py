@@ -54,7 +54,7 @@ def extract_subset(archive: Path, dest: Path, train: int, test: int) -> Path:
 @torch.no_grad()
 def nearest_mean_baseline(root: Path, image_size: int, train: int, test: int) -> float:
     """Top-1 (%) of nearest class mean (cosine) on frozen pre-trained features, all classes at once."""
-    import backbones
+    import slca_cli.backbones as backbones
     from slca_cli.data import attach_transforms, load_dataset
     spec = backbones.get_backbone("efficientnet-lite0-in1k")
     data = load_dataset("folder", str(root), None, train, test)

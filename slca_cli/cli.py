@@ -26,6 +26,26 @@ def _err(message: str) -> None:
     typer.echo(f"error: {message}", err=True)
 
 
+def progress_mode(progress: str, no_progress: bool) -> bool:
+    """Set the progress mode for this command (progress.py); False when nothing is to be shown."""
+    from .progress import configure
+    return configure("off" if no_progress else progress) != "off"
+
+
+def threads_option(panel: Optional[str] = None):
+    return typer.Option(None, help="CPU threads per process (default: the cores this process may use, "
+                                   "os.sched_getaffinity, shared among its node's processes).", rich_help_panel=panel)
+
+
+def progress_option(panel: Optional[str] = None):
+    return typer.Option("auto", help="Progress on stderr: bar (tqdm), lines (one plain line per epoch and stage), "
+                                     "off; auto: bars on a terminal, else lines.", rich_help_panel=panel)
+
+
+def no_progress_option():
+    return typer.Option(False, "--no-progress", hidden=True, help="Same as --progress off.")
+
+
 def user_errors(fn):
     """Bad input ends in one line on stderr and exit code 2, never a traceback."""
     @functools.wraps(fn)
@@ -125,8 +145,13 @@ def train(
     resume: bool = _option(RUN, "Continue after the last complete task-NN/ folder.", "--resume", default=False),
     checkpoint_every: Optional[int] = _option(RUN, "Also save the task being trained every N epochs (in-progress/),"
                                                    " so --resume continues mid-task. 0: off."),
-    progress: bool = _option(RUN, "Progress bars on stderr.", "--progress/--no-progress", default=True),
+    log_with: List[str] = _option(RUN, "Also log to this tracker (repeatable): wandb, mlflow, aim, comet_ml, "
+                                       "clearml, dvclive, tensorboard (events/, always written), or all. Each is a "
+                                       "pip extra: slca[wandb], ...", default=[]),
+    progress: str = progress_option(RUN),
+    no_progress: bool = no_progress_option(),
     device: str = _option(SPEED, "auto, cpu or cuda.", default="auto"),
+    threads: Optional[int] = threads_option(SPEED),
     precision: Optional[str] = _option(SPEED, "auto (bf16 on GPUs that support it, else fp32; under accelerate "
                                               "launch its config's), fp32, bf16, or fp16 (with loss scaling)."),
     workers: Optional[int] = _option(SPEED, "Data-loader processes per training process (default: the machine's "
@@ -144,15 +169,20 @@ def train(
 ):
     """Train a class-incremental run: for each task fit, collect statistics, align, evaluate, save."""
     from .guard import guarded_seed, interrupt_message, stop_exit_code
+    from .threads import set_threads
+    set_threads(threads)
     from .presets import SETTINGS
     from .resolve import resolve_run
     from .runner import run_seed
     from .speed import make_accelerator
+    from .tracking import close_open_trackers, resolve_log_with
 
+    show_progress = progress_mode(progress, no_progress)
+    trackers = resolve_log_with(log_with)
     flags = {k: v for k, v in ctx.params.items() if k in SETTINGS or k in SPLIT_FLAGS}
     cfg, data = resolve_run(dataset, backbone, method, flags)
-    accelerator = make_accelerator(device, cfg.precision)
     out = out or Path("runs") / f"{cfg.dataset}-{cfg.backbone}-{cfg.method}"
+    accelerator = make_accelerator(device, cfg.precision, trackers, project_dir=str(out))
     log = accelerator.print
     log(f"{cfg.dataset} ({cfg.num_classes} classes, tasks {list(cfg.task_sizes)}) | {cfg.backbone} | {cfg.method} "
         f"| {cfg.epochs} epochs, lr backbone {cfg.lr_backbone:g} head {cfg.lr_head:g} | "
@@ -164,10 +194,12 @@ def train(
             with guarded_seed(run_dir, s, cfg.batch_size, log, accelerator.is_main_process,
                               accelerator.wait_for_everyone):
                 results.append(run_seed(cfg, s, run_dir, accelerator, data, resume=resume, log=log,
-                                        show_progress=progress))
+                                        show_progress=show_progress))
         except KeyboardInterrupt as stop:  # SIGINT / SIGTERM: the checkpoint being written was finished first
             _err(interrupt_message(stop, s, run_dir, sys.argv[1:]))
             raise typer.Exit(stop_exit_code(stop))
+        finally:
+            close_open_trackers()
     if accelerator.is_main_process:
         typer.echo(seed_table(results))
 
@@ -203,14 +235,18 @@ def eval_checkpoint(
     path: Path = typer.Argument(..., help="A task-NN/ folder of a run."),
     data_root: Optional[str] = typer.Option(None, help="Where the dataset lives, if not where it was trained."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    threads: Optional[int] = threads_option(),
     batch_size: Optional[int] = typer.Option(None, help="Evaluation batch size (does not change the result)."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars on stderr."),
+    progress: str = progress_option(),
+    no_progress: bool = no_progress_option(),
 ):
     """Score a checkpoint on the test images of every class it has seen; rebuilt from the folder alone."""
     from .evaluation import evaluate_checkpoint
+    from .threads import set_threads
 
-    result = evaluate_checkpoint(path, data_root, device, batch_size, progress)
+    set_threads(threads)
+    result = evaluate_checkpoint(path, data_root, device, batch_size, progress_mode(progress, no_progress))
     from accelerate import PartialState
     if not PartialState().is_main_process:  # under accelerate launch every process evaluates its shard
         return
@@ -239,15 +275,20 @@ def demo_command(
     test_per_class: Optional[int] = typer.Option(None, help="Use at most this many test images per digit (all: "
                                                             "about 60)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars on stderr."),
+    threads: Optional[int] = threads_option(),
+    progress: str = progress_option(),
+    no_progress: bool = no_progress_option(),
 ):
     """A real continual-learning experiment in minutes on a CPU, offline: scikit-learn's handwritten digits in
     5 tasks, a pre-trained backbone, Seq FT vs slow learner vs SLCA; prints the comparison, writes the report."""
     from .demo import comparison_table, run_demo, written_files
+    from .threads import set_threads
+
+    set_threads(threads)
 
     outcome = run_demo(out, backbone=backbone, epochs=epochs, batch_size=batch_size,
                        image_size=image_size, train_per_class=train_per_class, test_per_class=test_per_class,
-                       device=device, log=typer.echo, show_progress=progress)
+                       device=device, log=typer.echo, show_progress=progress_mode(progress, no_progress))
     typer.echo("")
     typer.echo(comparison_table(outcome))
     typer.echo(f"\nreport: {', '.join(written_files(outcome))}")
@@ -285,16 +326,20 @@ def probe_command(
     classifier: str = typer.Option("logistic", help="logistic (softmax regression, L-BFGS) or ridge (closed form)."),
     data_root: Optional[str] = typer.Option(None, help="Where the dataset lives, if not where it was trained."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    threads: Optional[int] = threads_option(),
     batch_size: Optional[int] = typer.Option(None, help="Feature extraction batch size."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars on stderr."),
+    progress: str = progress_option(),
+    no_progress: bool = no_progress_option(),
 ):
     """Train a fresh linear classifier on all seen classes over the frozen, continually learned backbone and
     compare it with the model's own classifier (and with joint training); writes probe.json per seed."""
     from .probe import run_probe
+    from .threads import set_threads
 
+    set_threads(threads)
     outcome = run_probe(run, joint, data_root=data_root, device=device, task=task, classifier=classifier,
-                        batch_size=batch_size, show_progress=progress)
+                        batch_size=batch_size, show_progress=progress_mode(progress, no_progress))
     if as_json:
         typer.echo(json.dumps({k: v for k, v in outcome.items() if k != "table"}, indent=2))
         return
@@ -308,7 +353,7 @@ def probe_command(
 @user_errors
 def backbones_command():
     """List registered backbones: aliases, input size, where the weights come from, whether they are here."""
-    from backbones import list_backbones
+    from .backbones import list_backbones
 
     for spec in list_backbones():
         present = {True: "weights present", False: "weights not downloaded", None: "weights unknown"}[
@@ -316,7 +361,7 @@ def backbones_command():
         aliases = f" (aliases: {', '.join(spec.aliases)})" if spec.aliases else ""
         typer.echo(f"{spec.name}{aliases}\n    {spec.description}\n    {spec.image_size} px, family {spec.family}; "
                    f"weights: {spec.weights_source}; {present}")
-    from backbones.cache import weights_dir
+    from .backbones.cache import weights_dir
     typer.echo(f"timm:<model name>\n    any timm model (e.g. timm:vit_small_patch16_224.augreg_in21k); weights from "
                f"the Hugging Face hub or --weights FILE\nweights folder (checkpoints not on the hub): {weights_dir()} "
                f"(set $SLCA_WEIGHTS_DIR to move it)")
@@ -346,20 +391,23 @@ def datasets_prepare(
                                   help="Fetch what has a stable public address (CIFAR-100, ImageNet-R) if absent."),
     check_images: bool = typer.Option(True, "--check-images/--no-check-images",
                                       help="Decode every image and list the unreadable ones."),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars on stderr."),
+    progress: str = progress_option(),
+    no_progress: bool = no_progress_option(),
 ):
     """Check a dataset's files, build our split, print counts per split and class; download when possible."""
     from .data.prepare import prepare_dataset
 
-    prepare_dataset(name, data_root, download=download, check_images=check_images, show_progress=progress,
-                    echo=typer.echo)
+    prepare_dataset(name, data_root, download=download, check_images=check_images,
+                    show_progress=progress_mode(progress, no_progress), echo=typer.echo)
 
 
 def main() -> None:
     """The `slca` command. `slca train` with an accelerate config for several processes re-runs itself under
     `accelerate launch` (see distributed.launcher_command)."""
     from .distributed import launcher_command
+    from .threads import quiet_waits
 
+    quiet_waits()  # before torch is imported
     try:
         command = launcher_command(sys.argv)
     except SlcaError as exc:

@@ -22,7 +22,7 @@ def demo_flags(epochs: int, batch_size: int, image_size: Optional[int], train_pe
 
 
 def default_image_size(backbone: str) -> Optional[int]:
-    from backbones import get_backbone
+    from slca_cli.backbones import get_backbone
     spec = get_backbone(backbone)
     return CNN_IMAGE_SIZE if spec.family == "cnn" and spec.image_size > CNN_IMAGE_SIZE else None
 

@@ -7,12 +7,11 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
-
 from .data.loaders import finish_batch
 from .distributed import process_loader, sum_across_processes, workers_per_process
 from .errors import SlcaError
 from .model import ContinualModel, freeze_batchnorm_statistics
+from .progress import iterate, progress
 from .recipe import TrainingRecipe
 from .stages import mark
 
@@ -41,9 +40,10 @@ def fit_task(model: ContinualModel, loader: DataLoader, accelerator, recipe: Tra
     finish = finish_batch(loader)
     start_epoch, losses = (epoch_checkpoints.restore(accelerator, model, optimizer, schedule, loader,
                                                      train_loader) if epoch_checkpoints else (0, []))
-    bar = tqdm(total=epochs * len(train_loader), desc=f"task {task + 1} stage 1", unit="batch", leave=False,
-               disable=not (show_progress and accelerator.is_main_process))
+    bar = progress(f"task {task + 1} stage 1", epochs * len(train_loader), "batch", epochs=epochs,
+                   enabled=show_progress and accelerator.is_main_process)
     bar.update(start_epoch * len(train_loader))
+    bar.start_at_epoch(start_epoch)
     for epoch in range(start_epoch, epochs):
         train_model.train()
         if recipe.freeze_bn:
@@ -64,13 +64,14 @@ def fit_task(model: ContinualModel, loader: DataLoader, accelerator, recipe: Tra
             optimizer.step()
             total += loss.detach() * len(labels)
             seen += len(labels)
-            bar.update(1)
+            bar.update(1, images=len(labels))
             if (step + 1) % SYNC_EVERY == 0 or step + 1 == len(train_loader):
                 value = float(loss.detach())
                 _check_finite(value, float(total), task, epoch)
                 bar.set_postfix(epoch=epoch + 1, loss=f"{value:.3f}")
         schedule.step()
         losses.append(float(total) / max(seen, 1))
+        bar.epoch_done(epoch, losses[-1])
         if epoch_checkpoints:
             epoch_checkpoints.epoch_done(epoch, accelerator, model, optimizer, schedule, loader, losses)
     bar.close()
@@ -110,8 +111,8 @@ def feature_batches(model: ContinualModel, loader, accelerator,
     model.eval()
     device = accelerator.device
     finish = finish_batch(loader)
-    for images, labels in tqdm(process_loader(loader, accelerator), desc=desc, unit="batch", leave=False,
-                               disable=not (show_progress and accelerator.is_main_process)):
+    for images, labels in iterate(process_loader(loader, accelerator), desc, unit="batch", images=lambda b: len(b[1]),
+                                  enabled=show_progress and accelerator.is_main_process):
         images = finish(images.to(device, non_blocking=True))
         labels = labels.to(device, non_blocking=True)
         with torch.inference_mode(), accelerator.autocast():  # no autograd bookkeeping at all in the forward
@@ -121,14 +122,14 @@ def feature_batches(model: ContinualModel, loader, accelerator,
 
 @torch.no_grad()
 def evaluate(model: ContinualModel, loader, accelerator, task_sizes: Sequence[int],
-             show_progress: bool = True) -> Tuple[List[int], List[int]]:
+             show_progress: bool = True, desc: str = "evaluate") -> Tuple[List[int], List[int]]:
     """Correct and total test images per seen task, argmax over all heads (raw logits), every sample counted
     exactly once over all processes."""
     seen = sum(task_sizes)
     device = accelerator.device
     correct = torch.zeros(seen, dtype=torch.long, device=device)
     total = torch.zeros(seen, dtype=torch.long, device=device)
-    for features, labels in feature_batches(model, loader, accelerator, "evaluate", show_progress):
+    for features, labels in feature_batches(model, loader, accelerator, desc, show_progress):
         predictions = model.logits(features.to(model.task_heads[0].weight.dtype)).argmax(dim=1)
         labels = labels.long()
         total += torch.bincount(labels, minlength=seen)

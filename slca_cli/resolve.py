@@ -6,7 +6,7 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch
 
-from backbones import BackboneSpec, get_backbone
+from .backbones import BackboneSpec, get_backbone
 
 from .data import DatasetSplits, attach_transforms, load_dataset
 from .methods import get_method

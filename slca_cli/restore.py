@@ -7,7 +7,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from backbones import BackboneSpec, get_backbone
+from .backbones import BackboneSpec, get_backbone
 
 from .checkpoint import (MODEL_FILE, STATS_FILE, TaskState, check_tensor_file, intact_tasks, load_tensors,
                          read_state)

@@ -14,7 +14,7 @@ from typing import Any, Callable, Dict, List
 import numpy as np
 import torch
 
-from backbones import get_backbone
+from .backbones import get_backbone
 
 from . import __version__
 from .alignment import align_classifier
@@ -24,7 +24,6 @@ from .data import DatasetSplits
 from .data.loaders import PassLoaders, resolve_device_augment
 from .distributed import check_batch_split, sum_across_processes
 from .errors import SlcaError
-from .events import ScalarWriter
 from .learner import default_workers, evaluate, feature_batches, fit_task
 from .methods import get_method
 from .metrics import summarize
@@ -36,6 +35,7 @@ from .restore import ResumePoint, build_model, find_resume_point, restore_model
 from .signals import uninterruptible
 from .stages import mark
 from .statistics import ClassStatistics, cholesky_factors
+from .tracking import RunTrackers
 
 Log = Callable[[str], None]
 
@@ -79,7 +79,7 @@ def run_seed(cfg: RunConfig, seed: int, run_dir: Path, accelerator, data: Datase
                           mean=cfg.mean, std=cfg.std, device=device, workers=default_workers(cfg.workers, data),
                           on_device=cfg.device_augment, rank=accelerator.process_index,
                           world=accelerator.num_processes)
-    events = ScalarWriter(run_dir, enabled=accelerator.is_main_process)
+    events = RunTrackers(run_dir, accelerator, cfg.to_dict(), seed)  # events/ and the --log-with trackers
     record = metrics_record(cfg, seed, point)
     for task in range(point.start_task, cfg.num_tasks):
         started = time.perf_counter()
@@ -99,7 +99,7 @@ def run_seed(cfg: RunConfig, seed: int, run_dir: Path, accelerator, data: Datase
 
         mark("statistics", task=task + 1)
         task_means, task_chol = class_statistics(model, loaders.statistics(new_classes), offset, len(new_classes),
-                                                 accelerator, cfg.cov_ridge, show_progress)
+                                                 accelerator, cfg.cov_ridge, show_progress, task)
         point.means.append(task_means.cpu())
         point.chols.append(task_chol.cpu())
 
@@ -117,7 +117,7 @@ def run_seed(cfg: RunConfig, seed: int, run_dir: Path, accelerator, data: Datase
 
         mark("evaluate", task=task + 1)
         correct, total = evaluate(model, loaders.test(list(range(offset + cfg.task_sizes[task]))), accelerator,
-                                  seen_sizes, show_progress)
+                                  seen_sizes, show_progress, f"task {task + 1} evaluate")
         point.counts.append({"correct": correct, "total": total})
         point.seconds.append(time.perf_counter() - started)
         point.memory.append(peak_memory_mb(device))
@@ -137,6 +137,7 @@ def run_seed(cfg: RunConfig, seed: int, run_dir: Path, accelerator, data: Datase
         log(task_line(seed, task, cfg, record))
     if point.start_task == cfg.num_tasks and accelerator.is_main_process:
         write_metrics(run_dir, record)  # every task was already done: metrics.json may be a task behind
+    events.close()
     return record
 
 
@@ -150,11 +151,12 @@ def fresh_start(run_dir: Path) -> ResumePoint:
 
 
 def class_statistics(model: ContinualModel, loader, offset: int, num_classes: int, accelerator, ridge: float,
-                     show_progress: bool):
+                     show_progress: bool, task: int):
     """Means and Cholesky factors of the new classes' features: test transform, eval mode, computed once. Each
     process reads its own shard; the partial sums are all-reduced, so every process holds the same statistics."""
     accumulator = ClassStatistics(num_classes, model.feature_dim, device=accelerator.device)
-    for features, labels in feature_batches(model, loader, accelerator, "statistics", show_progress):
+    for features, labels in feature_batches(model, loader, accelerator, f"task {task + 1} statistics",
+                                            show_progress):
         accumulator.update(features, labels - offset)
     accumulator.all_reduce(lambda t: sum_across_processes(t, accelerator))
     means, covs = accumulator.finalize(ridge)
@@ -196,7 +198,7 @@ def task_line(seed: int, task: int, cfg: RunConfig, record: Dict[str, Any]) -> s
             f"accuracy {record['task_accuracy'][task]:.2f}% ({split}), {record['seconds'][task]:.1f} s")
 
 
-def log_task_scalars(events: ScalarWriter, cfg: RunConfig, task: int, record: Dict[str, Any],
+def log_task_scalars(events: RunTrackers, cfg: RunConfig, task: int, record: Dict[str, Any],
                      losses: List[float], align_losses: List[float]) -> None:
     """TensorBoard scalars of a finished task: losses by global epoch, accuracies, time and memory by task."""
     events.add_series("loss/train", ((task * cfg.epochs + e + 1, v) for e, v in enumerate(losses)))
@@ -273,5 +275,5 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 def _progress(total: int, desc: str, enabled: bool):
-    from tqdm.auto import tqdm
-    return tqdm(total=total, desc=desc, unit="epoch", leave=False, disable=not enabled)
+    from .progress import progress
+    return progress(desc, total, "epoch", enabled=enabled)

@@ -29,14 +29,17 @@ def resolve_precision(precision: str, on_gpu: bool, bf16_supported: Optional[boo
     return "bf16" if on_gpu and bf16_supported else "fp32"
 
 
-def make_accelerator(device: str, precision: str):
-    """The Accelerator owns devices, precision and gradient sync (see ``resolve_precision`` for ``auto``).
+def make_accelerator(device: str, precision: str, log_with=(), project_dir=None):
+    """The Accelerator owns devices, precision and gradient sync (see ``resolve_precision`` for ``auto``), and
+    the ``--log-with`` trackers (tracking.py; ``project_dir``: the run folder).
 
     ``--batch-size`` stays the global batch under several processes (``split_batches``): each process trains on
     its slice, so the optimization matches a one-process run.
     """
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration
+
+    from .tracking import accelerate_trackers
     if device not in DEVICES:
         raise SlcaError(f"--device must be one of {', '.join(DEVICES)}, got '{device}'")
     if device == "cuda" and not torch.cuda.is_available():
@@ -45,7 +48,8 @@ def make_accelerator(device: str, precision: str):
     on_gpu = device != "cpu" and not launched_on_cpu and torch.cuda.is_available()
     precision = resolve_precision(precision, on_gpu)
     accelerator = Accelerator(cpu=device == "cpu", mixed_precision=accelerate_mixed_precision(precision),
-                              dataloader_config=DataLoaderConfiguration(split_batches=True, non_blocking=True))
+                              dataloader_config=DataLoaderConfiguration(split_batches=True, non_blocking=True),
+                              log_with=accelerate_trackers(log_with), project_dir=project_dir)
     enable_fp16_on_cpu(accelerator)
     return accelerator
 

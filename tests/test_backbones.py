@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import backbones
+import slca_cli.backbones as backbones
 from slca_cli.errors import SlcaError
 
 from conftest import REPO, TINY, assert_one_line_error
@@ -33,7 +33,7 @@ def test_entry_point_plugin_is_listed_and_trainable(tmp_path):
     (site / "my_backbones").mkdir(parents=True)
     (site / "my_backbones" / "__init__.py").write_text(textwrap.dedent("""
         from timm.models.vision_transformer import VisionTransformer
-        from backbones import BackboneSpec
+        from slca_cli.backbones import BackboneSpec
 
         def build(weights=None, pretrained=True):
             return VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, num_classes=0)

@@ -9,10 +9,10 @@ import torch
 from safetensors.torch import save_file
 from timm.models.vision_transformer import VisionTransformer
 
-import backbones
-from backbones import selfsup
-from backbones.google_npz import google_vit_state, read_google_npz
-from backbones.hub import load_local_weights
+import slca_cli.backbones as backbones
+from slca_cli.backbones import selfsup
+from slca_cli.backbones.google_npz import google_vit_state, read_google_npz
+from slca_cli.backbones.hub import load_local_weights
 from slca_cli.errors import SlcaError
 from slca_cli.presets import resolve_config
 
@@ -336,7 +336,7 @@ def test_timm_unknown_model_and_offline_hub(cli, monkeypatch, tmp_path):
 def test_fetch_downloads_into_the_weights_folder_once(monkeypatch, tmp_path):
     """Online, a missing checkpoint is downloaded to the weights folder under its published name (here from a
     file:// address), then found there without the network."""
-    from backbones import cache
+    from slca_cli.backbones import cache
     published = tmp_path / "published" / "vit-b-300ep.pth.tar"
     published.parent.mkdir()
     published.write_bytes(b"checkpoint bytes")

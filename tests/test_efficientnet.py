@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-import backbones
-from backbones import efficientnet
+import slca_cli.backbones as backbones
+from slca_cli.backbones import efficientnet
 from slca_cli.data.transforms import build_transforms
 from slca_cli.errors import SlcaError
 

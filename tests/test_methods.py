@@ -127,8 +127,8 @@ def test_resume_of_a_prompt_method_gives_the_same_metrics(method_runs, tmp_path,
 
 
 def test_prompt_methods_refuse_a_backbone_that_is_not_a_vit(cli, monkeypatch):
-    from backbones import BackboneSpec
-    from backbones.registry import _REGISTRY
+    from slca_cli.backbones import BackboneSpec
+    from slca_cli.backbones.registry import _REGISTRY
 
     def build(weights=None, pretrained=True):
         model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())

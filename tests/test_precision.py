@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from backbones import get_backbone
+from slca_cli.backbones import get_backbone
 from slca_cli.presets import RunConfig
 from slca_cli.resolve import resolve_run
 from slca_cli.restore import build_model

@@ -131,8 +131,8 @@ def test_console_entry_point_runs_in_a_fresh_process(tmp_path):
 
 def test_resume_does_not_need_the_pretrained_weights_again(tmp_path, cli, monkeypatch):
     """Offline resume: the model comes from the checkpoint, so the hub / --weights file is not read again."""
-    import backbones
-    from backbones.registry import _REGISTRY
+    import slca_cli.backbones as backbones
+    from slca_cli.backbones.registry import _REGISTRY
     tiny = backbones.get_backbone("vit-tiny-test")
     calls = []
 

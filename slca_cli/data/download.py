@@ -12,7 +12,7 @@ from ..errors import SlcaError
 
 def download_file(url: str, dest: Path, md5: Optional[str] = None, show_progress: bool = True) -> Path:
     """``url`` -> ``dest`` through ``dest.part`` (renamed only when complete and its md5 matches)."""
-    from tqdm.auto import tqdm
+    from ..progress import progress
 
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
@@ -23,8 +23,8 @@ def download_file(url: str, dest: Path, md5: Optional[str] = None, show_progress
     try:
         with urllib.request.urlopen(url, timeout=60) as response, open(part, "wb") as out:
             total = int(response.headers.get("Content-Length") or 0) or None
-            with tqdm(total=total, unit="B", unit_scale=True, desc=dest.name, leave=False,
-                      disable=None if show_progress else True) as bar:
+            bar = progress(dest.name, total, "B", enabled=show_progress, unit_scale=True)
+            try:
                 while True:
                     chunk = response.read(1 << 20)
                     if not chunk:
@@ -32,6 +32,8 @@ def download_file(url: str, dest: Path, md5: Optional[str] = None, show_progress
                     out.write(chunk)
                     digest.update(chunk)
                     bar.update(len(chunk))
+            finally:
+                bar.close()
     except (urllib.error.URLError, OSError, ValueError) as exc:
         part.unlink(missing_ok=True)
         reason = getattr(exc, "reason", None) or exc

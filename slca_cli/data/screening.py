@@ -30,12 +30,12 @@ def image_problem(path: Path) -> Optional[str]:
 def find_unreadable(paths: Sequence[Path], workers: Optional[int] = None,
                     show_progress: bool = True) -> List[Tuple[int, str]]:
     """(position, reason) of every unreadable file in ``paths``; decoding runs in threads (PIL releases the GIL)."""
-    from tqdm.auto import tqdm
+    from ..progress import iterate
 
     workers = workers or min(8, os.cpu_count() or 1)
     with ThreadPoolExecutor(workers) as pool:
-        results = list(tqdm(pool.map(image_problem, paths, chunksize=64), total=len(paths), desc="checking images",
-                            unit="image", leave=False, disable=None if show_progress else True))
+        results = list(iterate(pool.map(image_problem, paths, chunksize=64), "checking images", len(paths),
+                               "image", enabled=show_progress))
     return [(i, reason) for i, reason in enumerate(results) if reason is not None]
 
 
