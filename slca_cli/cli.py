@@ -45,7 +45,9 @@ def train(
     method: str = typer.Option("slca", help="slca (slow learner + classifier alignment), sl (slow learner only), "
                                             "seqft (one learning rate for all), joint (all classes in one task), "
                                             "linear (frozen backbone), l2p, dualprompt (prompts on a frozen "
-                                            "ViT) or slca++ (LoRA + symmetric CE + alignment)."),
+                                            "ViT), slca++ (LoRA + symmetric CE + alignment), simplecil "
+                                            "(class-mean prototypes, no training) or ranpac (random projection "
+                                            "+ ridge classifier)."),
     out: Optional[Path] = typer.Option(None, help="Run folder; default runs/<dataset>-<backbone>-<method>."),
     seed: List[int] = typer.Option([1993], help="Seed; repeat for several runs (paper: 1993, 1996, 1997)."),
     data_root: Optional[str] = typer.Option(None, help="Where the dataset lives (see `slca datasets`)."),
@@ -100,6 +102,16 @@ def train(
     g_prompt_length: Optional[int] = typer.Option(None, help="dualprompt: G-prompt length."),
     matching_weight: Optional[float] = typer.Option(None, help="l2p/dualprompt: weight of the key-query "
                                                                "matching loss."),
+    covariance: Optional[str] = typer.Option(None, help="Class covariances for alignment: ridge (the paper's "
+                                                        "+ 1e-4 I) or shrinkage (OAS, from the accumulated sums)."),
+    align_mode: Optional[str] = typer.Option(None, help="Classifier alignment: sampled (the paper's Gaussian "
+                                                        "samples) or closed-form (LDA heads from the stored means "
+                                                        "and covariances, no sampling)."),
+    ranpac_dim: Optional[int] = typer.Option(None, help="ranpac: random projection size M (the M x M Gram "
+                                                        "matrix is 4 M^2 bytes; default 10000: 381 MiB)."),
+    ranpac_adapt: Optional[bool] = typer.Option(None, "--ranpac-adapt/--no-ranpac-adapt",
+                                                help="ranpac: adapt the backbone on the first task (slow-learner "
+                                                     "rates) before freezing it (default: off, training-free)."),
     image_size: Optional[int] = typer.Option(None, help="Input size in pixels (default: the backbone's)."),
     precision: Optional[str] = typer.Option(None, help="auto (bf16 on GPUs that support it, else fp32; under "
                                                        "accelerate launch its config's mixed precision), fp32, "
@@ -139,7 +151,8 @@ def train(
                  schedule=schedule, min_lr=min_lr, grad_clip=grad_clip, sce_a=sce_a, sce_b=sce_b,
                  lora_rank=lora_rank, lora_scale=lora_scale, lr_lora=lr_lora, lr_lora_first=lr_lora_first,
                  sample_shrink=sample_shrink, prompt_pool=prompt_pool, prompt_length=prompt_length,
-                 prompt_top_k=prompt_top_k, g_prompt_length=g_prompt_length, matching_weight=matching_weight)
+                 prompt_top_k=prompt_top_k, g_prompt_length=g_prompt_length, matching_weight=matching_weight,
+                 covariance=covariance, align_mode=align_mode, ranpac_dim=ranpac_dim, ranpac_adapt=ranpac_adapt)
     if checkpoint_every < 0:
         raise SlcaError(f"--checkpoint-every must be 0 (off) or a number of epochs, got {checkpoint_every}")
     cfg, data = resolve_run(dataset, backbone, method, flags)
@@ -218,6 +231,8 @@ def demo_command(
     train_per_class: Optional[int] = typer.Option(60, help="Training images per digit (of about 120)."),
     test_per_class: Optional[int] = typer.Option(None, help="Use at most this many test images per digit (all: "
                                                             "about 60)."),
+    method: Optional[List[str]] = typer.Option(None, help="Methods to compare; repeat (default: seqft, sl, "
+                                                          "slca; any of `slca train --method`)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars on stderr."),
 ):
@@ -227,7 +242,8 @@ def demo_command(
 
     outcome = run_demo(out, backbone=backbone, epochs=epochs, batch_size=batch_size,
                        image_size=image_size, train_per_class=train_per_class, test_per_class=test_per_class,
-                       device=device, log=typer.echo, show_progress=progress)
+                       device=device, log=typer.echo, show_progress=progress,
+                       **({"methods": tuple(dict.fromkeys(method))} if method else {}))
     typer.echo("")
     typer.echo(comparison_table(outcome))
     typer.echo(f"\nreport: {', '.join(written_files(outcome))}")

@@ -53,6 +53,10 @@ METHOD_PRESETS: Dict[str, Dict[str, Any]] = {
     "slca++": dict(lr_backbone=1e-3, lr_head=1e-2, lr_lora=1e-3, lr_lora_first=5e-3, align=True, schedule="cosine",
                    min_lr=1e-4, lr_drop_epoch=None, sce_a=1.0, sce_b=0.1, lora_rank=4, lora_scale=0.8,
                    mean_scaling="off", sample_shrink=0.02),
+    # Training-free baselines (methods/simplecil.py, methods/ranpac.py): the frozen pre-trained backbone with its
+    # own final norm; RanPAC's optional first-task adaptation (--ranpac-adapt) uses the slow learner's rates.
+    "simplecil": dict(lr_backbone=0.0, lr_head=1e-2, align=False, fresh_norm=False),
+    "ranpac": dict(lr_backbone=1e-4, lr_head=1e-2, align=False, fresh_norm=False),
 }
 
 # Method presets that differ per dataset (applied after METHOD_PRESETS).
@@ -69,7 +73,10 @@ METHOD_DATASET_PRESETS: Dict[Tuple[str, str], Dict[str, Any]] = {
 METHOD_SETTINGS: Dict[str, Any] = dict(
     optimizer="sgd", schedule="step", min_lr=0.0, grad_clip=None, sce_a=1.0, sce_b=0.0, lora_rank=0,
     lora_scale=0.8, lr_lora=None, lr_lora_first=None, sample_shrink=0.0, prompt_pool=10, prompt_length=5,
-    prompt_top_k=5, g_prompt_length=5, matching_weight=0.1)
+    prompt_top_k=5, g_prompt_length=5, matching_weight=0.1, covariance="ridge", align_mode="sampled",
+    ranpac_dim=10000, ranpac_adapt=False)
+COVARIANCE = ("ridge", "shrinkage")
+ALIGN_MODES = ("sampled", "closed-form")
 
 MEAN_SCALING = ("task", "authors", "off")
 
@@ -134,6 +141,10 @@ class RunConfig:
     prompt_top_k: int = 5
     g_prompt_length: int = 5
     matching_weight: float = 0.1
+    covariance: str = "ridge"  # class covariances: + cov_ridge I (paper) or OAS shrinkage (closed_form.py)
+    align_mode: str = "sampled"  # classifier alignment: Gaussian samples (paper) or LDA heads in closed form
+    ranpac_dim: int = 10000
+    ranpac_adapt: bool = False
 
     def to_dict(self) -> Dict[str, Any]:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
@@ -246,6 +257,12 @@ def _check_method_settings(cfg: RunConfig) -> None:
         raise SlcaError(f"--sce-a and --sce-b must be >= 0 and not both 0, got {cfg.sce_a} and {cfg.sce_b}")
     if cfg.grad_clip is not None and cfg.grad_clip <= 0:
         raise SlcaError(f"--grad-clip must be positive, got {cfg.grad_clip}")
+    if cfg.covariance not in COVARIANCE:
+        raise SlcaError(f"--covariance must be one of {', '.join(COVARIANCE)}, got '{cfg.covariance}'")
+    if cfg.align_mode not in ALIGN_MODES:
+        raise SlcaError(f"--align-mode must be one of {', '.join(ALIGN_MODES)}, got '{cfg.align_mode}'")
+    if cfg.ranpac_dim < 1:
+        raise SlcaError(f"--ranpac-dim must be at least 1, got {cfg.ranpac_dim}")
     if cfg.matching_weight < 0 or cfg.min_lr < 0 or cfg.sample_shrink < 0 or cfg.weight_decay < 0:
         raise SlcaError("--matching-weight, --min-lr, --sample-shrink and --weight-decay must be >= 0")
 

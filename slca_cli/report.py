@@ -33,7 +33,8 @@ PAPER_NOTE = ("published numbers (ViT-B/16 IN21K, 10 tasks, mean of 3 seeds; * r
               "authors' repository)")
 
 METHOD_LABELS = {"seqft": "Seq FT", "sl": "SL", "slca": "SLCA", "joint": "Joint", "linear": "Linear",
-                 "l2p": "L2P", "dualprompt": "DualPrompt", "slca++": "SLCA++"}
+                 "l2p": "L2P", "dualprompt": "DualPrompt", "slca++": "SLCA++", "simplecil": "SimpleCIL",
+                 "ranpac": "RanPAC"}
 ALIGNING_METHODS = ("slca", "slca++")
 ABLATION_ROWS = ("SL", "SL+CA", "SL+CA+LN")
 # Config fields that do not change the experiment (where files are, how it ran).
@@ -114,13 +115,23 @@ def method_label(config: Dict[str, Any]) -> str:
     method = config["method"]
     label = METHOD_LABELS.get(method, method)
     align, logit_norm = config.get("align"), config.get("logit_norm", True)
+    if method == "ranpac" and config.get("ranpac_adapt"):
+        label = f"{label} (adapted)"
     if method in ALIGNING_METHODS:
         if not align:
             return f"{label} (no CA)"
-        return label if logit_norm else f"{label} (no LN)"
+        label = label + alignment_suffix(config)
+        return label if logit_norm or config.get("align_mode") == "closed-form" else f"{label} (no LN)"
     if align and method != "joint":
         return f"{label}+CA+LN" if logit_norm else f"{label}+CA"
     return label
+
+
+def alignment_suffix(config: Dict[str, Any]) -> str:
+    """What --align-mode closed-form and --covariance shrinkage change: `` (closed-form, shrinkage)``."""
+    parts = [p for p, on in (("closed-form", config.get("align_mode") == "closed-form"),
+                             ("shrinkage", config.get("covariance") == "shrinkage")) if on]
+    return f" ({', '.join(parts)})" if parts else ""
 
 
 def experiment_key(config: Dict[str, Any]) -> str:

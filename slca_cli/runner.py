@@ -20,6 +20,7 @@ from backbones import BackboneSpec, get_backbone
 
 from . import __version__
 from .alignment import align_classifier
+from .closed_form import align_closed_form, shrink_class_covariances
 from .checkpoint import (MODEL_FILE, STATS_FILE, atomic_write_json, atomic_write_text, complete_tasks,
                          load_tensors, read_state, rng_state, save_task, set_rng_state, sha256_file, task_dir_name)
 from .data import DatasetSplits, attach_transforms, load_dataset
@@ -29,6 +30,7 @@ from .errors import SlcaError
 from .events import ScalarWriter
 from .learner import default_workers, evaluate, feature_batches, fit_task
 from .methods import get_method
+from .methods.base import ClassifierInputs
 from .metrics import summarize
 from .midtask import EpochCheckpoints, refuse_leftover
 from .model import ContinualModel, replace_final_norm
@@ -141,6 +143,7 @@ class ResumePoint:
     means: List[torch.Tensor]
     chols: List[torch.Tensor]
     train_loss: List[List[float]] = None  # per finished task, the mean training loss of each epoch
+    method_state: Dict[str, torch.Tensor] = None  # what Method.fit_classifier returned after the last task
 
 
 def check_same_experiment(stored: Dict[str, Any], cfg: RunConfig, run_dir: Path) -> None:
@@ -175,10 +178,11 @@ def find_resume_point(run_dir: Path, cfg: RunConfig, model: ContinualModel, log:
         stats = load_tensors(folder, STATS_FILE, read_state(folder))
         means.append(stats["means"])
         chols.append(stats["chol"] if "chol" in stats else cholesky_factors(stats["covs"]))  # older runs: covs
+    method_state = {k[len("method."):]: v for k, v in stats.items() if k.startswith("method.")}
     set_rng_state(state["rng"])
     log(f"resuming {run_dir} after {last.name} ({done}/{cfg.num_tasks} tasks done)")
     return ResumePoint(done, state["counts"], state["seconds"], state["peak_memory_mb"], means, chols,
-                       state.get("train_loss", [[] for _ in range(done)]))
+                       state.get("train_loss", [[] for _ in range(done)]), method_state)
 
 
 def run_seed(cfg: RunConfig, seed: int, run_dir: Path, accelerator, data: DatasetSplits, *, resume: bool,
@@ -230,6 +234,7 @@ def run_seed(cfg: RunConfig, seed: int, run_dir: Path, accelerator, data: Datase
     counts, seconds, memory = point.counts, point.seconds, point.memory
     train_loss = list(point.train_loss or [])
     means, chols = point.means, point.chols
+    method_state = point.method_state or {}
     record: Dict[str, Any] = {}
     for task in range(point.start_task, cfg.num_tasks):
         started = time.perf_counter()
@@ -246,7 +251,8 @@ def run_seed(cfg: RunConfig, seed: int, run_dir: Path, accelerator, data: Datase
                  label_offset=offset, epochs=cfg.epochs, lr_backbone=cfg.lr_backbone, lr_head=cfg.lr_head,
                  momentum=cfg.momentum, weight_decay=cfg.weight_decay, lr_drop_epoch=cfg.lr_drop_epoch,
                  freeze_bn=cfg.freeze_bn, show_progress=show_progress,
-                 epoch_checkpoints=epoch_checkpoints.for_task(task), recipe=method.recipe(model, task, cfg))
+                 epoch_checkpoints=epoch_checkpoints.for_task(task), recipe=method.recipe(model, task, cfg)) \
+            if method.trains(task, cfg) else []
         mark("statistics", task=task + 1)
 
         # Class statistics of the new classes: test transform, eval mode, computed once. Each process reads its
@@ -256,17 +262,24 @@ def run_seed(cfg: RunConfig, seed: int, run_dir: Path, accelerator, data: Datase
                                                 show_progress):
             accumulator.update(features, labels - offset)
         accumulator.all_reduce(lambda t: sum_across_processes(t, accelerator))
-        task_means, task_covs = accumulator.finalize(cfg.cov_ridge)
+        task_means, task_covs = accumulator.finalize(cfg.cov_ridge if cfg.covariance == "ridge" else 0.0)
+        if cfg.covariance == "shrinkage":
+            task_covs = shrink_class_covariances(task_covs, accumulator.counts, cfg.cov_ridge)
         task_chol = cholesky_factors(task_covs)  # once per class; the sampler reuses it in every later task
         means.append(task_means.cpu())
         chols.append(task_chol.cpu())
+        batches = lambda: feature_batches(model, loaders.statistics(new_classes), accelerator, "classifier",  # noqa
+                                          show_progress)
+        method_state = method.fit_classifier(model, task, cfg, ClassifierInputs(task_means, batches, accelerator,
+                                                                                offset, method_state, log))
 
         stage1_heads = model.head_state()
         align_losses: List[float] = []
         if cfg.align and task > 0 and cfg.ca_epochs > 0:
             generator = torch.Generator(device=device).manual_seed(task_seed(seed, task))
             bar = _progress(cfg.ca_epochs, f"task {task + 1} alignment", show_progress and accelerator.is_main_process)
-            align_classifier(model.task_heads, torch.cat(means), None, seen_sizes, chol=torch.cat(chols),
+            (align_classifier if cfg.align_mode == "sampled" else align_closed_form)(
+                model.task_heads, torch.cat(means), None, seen_sizes, chol=torch.cat(chols),
                              epochs=cfg.ca_epochs, samples_per_class=cfg.ca_samples, batch_size=cfg.ca_batch_size,
                              lr=cfg.ca_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, tau=cfg.tau,
                              logit_norm=cfg.logit_norm, mean_scaling=cfg.mean_scaling, generator=generator,
@@ -290,7 +303,8 @@ def run_seed(cfg: RunConfig, seed: int, run_dir: Path, accelerator, data: Datase
             model_tensors.update({f"stage1_heads.{k}": v for k, v in stage1_heads.items()})
             # The covariance is chol @ chol.T; storing only the factor halves the file (D x D per class).
             stats_tensors = {"means": task_means, "chol": task_chol,
-                             "classes": torch.tensor(new_classes, dtype=torch.long)}
+                             "classes": torch.tensor(new_classes, dtype=torch.long),
+                             **{f"method.{k}": v for k, v in method_state.items()}}
             state = {"format": "slca-task", "version": 1, "task": task, "seed": seed, "config": cfg.to_dict(),
                      "class_order": order, "task_sizes": list(cfg.task_sizes), "counts": counts,
                      "metrics": {k: record[k] for k in ("accuracy_matrix", "task_accuracy", "last_acc", "inc_acc",

@@ -7,10 +7,12 @@ from ..errors import SlcaError
 from .base import Method
 from .finetune import SLCA, Joint, Linear, SeqFT, SlowLearner
 from .prompts import L2P, DualPrompt
+from .ranpac import RanPAC
+from .simplecil import SimpleCIL
 from .slcapp import SLCAPlusPlus
 
 METHODS: Dict[str, Method] = {m.name: m for m in (SLCA(), SlowLearner(), SeqFT(), Joint(), Linear(), L2P(),
-                                                   DualPrompt(), SLCAPlusPlus())}
+                                                   DualPrompt(), SLCAPlusPlus(), SimpleCIL(), RanPAC())}
 
 
 def get_method(name: str) -> Method:

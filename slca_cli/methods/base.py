@@ -1,7 +1,8 @@
 """A method is a small policy the task loop consults; the default is the seed paper's slow learner."""
 from __future__ import annotations
 
-from typing import Callable, List, Optional
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -21,6 +22,9 @@ class Method:
     - ``start_task``: per-task state (which E-prompt trains, LoRA initialization).
     - ``recipe``: which parameters train at what lr, optimizer, schedule, loss (None = the paper's SGD).
     - ``sample_transform`` / ``after_alignment``: changes to classifier alignment.
+    - ``trains`` / ``fit_classifier``: methods whose classifier is computed, not trained (simplecil, ranpac) skip
+      stage 1 and set the heads from the class statistics or a feature pass; the tensors they return are kept in
+      each task's stats.safetensors (``method.*``) and handed back next task (also after ``--resume``).
     """
 
     name = "slca"
@@ -58,6 +62,29 @@ class Method:
 
     def after_alignment(self, model: nn.Module, task_sizes: List[int], cfg: RunConfig) -> None:
         pass
+
+    def trains(self, task: int, cfg: RunConfig) -> bool:
+        """Whether stage 1 (``learner.fit_task``) runs in this task."""
+        return True
+
+    def fit_classifier(self, model: nn.Module, task: int, cfg: RunConfig, inputs: "ClassifierInputs"
+                       ) -> Dict[str, torch.Tensor]:
+        """Set heads after the class statistics of ``task``; returns the state to store (default: none)."""
+        return {}
+
+
+@dataclass
+class ClassifierInputs:
+    """What ``Method.fit_classifier`` may use: this task's class means, a fresh pass over this process's shard of
+    the task's training images under the test transform (``batches()`` -> (features, labels)), the accelerator
+    (all-reduce, gather), the first label of the task, the state returned last task, and the run's log."""
+
+    task_means: torch.Tensor
+    batches: Callable[[], Iterator[Tuple[torch.Tensor, torch.Tensor]]]
+    accelerator: Any
+    offset: int
+    state: Dict[str, torch.Tensor] = field(default_factory=dict)
+    log: Callable[[str], None] = print
 
 
 def recipe_from_config(groups, cfg: RunConfig, **changes) -> TrainingRecipe:
