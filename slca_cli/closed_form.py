@@ -70,11 +70,15 @@ def cosine_prototypes(means: torch.Tensor) -> torch.Tensor:
 
 
 def ridge_weights(gram: torch.Tensor, targets: torch.Tensor, lam: float) -> torch.Tensor:
-    """``(G + lam I)^-1 C`` in float64 (Cholesky): the ridge regression from features to one-hot targets."""
+    """``(G + lam I)^-1 C`` in float64: the ridge regression from features to one-hot targets. Cholesky; LU where a
+    tiny lambda leaves the (float32-rounded) Gram matrix numerically indefinite."""
     g = gram.to(torch.float64).clone()
     g.diagonal().add_(lam)
-    factor = torch.linalg.cholesky(g)
-    return torch.cholesky_solve(targets.to(torch.float64), factor)
+    targets = targets.to(torch.float64)
+    factor, info = torch.linalg.cholesky_ex(g)
+    if int(info) != 0:
+        return torch.linalg.solve(g, targets)
+    return torch.cholesky_solve(targets, factor)
 
 
 def ridge_validation_errors(h_fit: torch.Tensor, y_fit: torch.Tensor, h_val: torch.Tensor, y_val: torch.Tensor,
