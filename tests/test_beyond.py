@@ -196,6 +196,11 @@ def test_bad_new_settings_are_one_line_errors(cli, tmp_path, flag, value):
     assert_one_line_error(code, stderr, flag)
 
 
+def test_ranpac_refuses_classifier_alignment(cli, tmp_path):
+    code, _, stderr = cli("train", *TINY, *SMALL, "--method", "ranpac", "--align", "--out", tmp_path / "x")
+    assert_one_line_error(code, stderr, "--align")
+
+
 def test_demo_runs_the_chosen_methods(tmp_path, cli):
     code, stdout, stderr = cli("demo", "--backbone", "vit-tiny-test", "--epochs", 1, "--train-per-class", 4,
                                "--test-per-class", 2, "--device", "cpu", "--no-progress", "--out", tmp_path / "d",

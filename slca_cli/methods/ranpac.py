@@ -10,6 +10,7 @@ from torch import nn
 
 from ..closed_form import ridge_weights, select_ridge
 from ..distributed import sum_across_processes
+from ..errors import SlcaError
 from ..presets import RunConfig
 from ..stages import mark
 from .base import ClassifierInputs, Method
@@ -62,6 +63,12 @@ def gather_rows(tensor: torch.Tensor, accelerator) -> torch.Tensor:
 class RanPAC(Method):
     name, label = "ranpac", "RanPAC"
     description = "frozen backbone, random projection to M dims + ReLU, ridge classifier (Gram matrix per task)"
+
+    def finalize_config(self, cfg: RunConfig) -> RunConfig:
+        if cfg.align:
+            raise SlcaError("--method ranpac computes its ridge classifier on the random features; classifier "
+                            "alignment (--align) does not apply to it, drop --align")
+        return cfg
 
     def wrap_backbone(self, backbone: nn.Module, cfg: RunConfig) -> nn.Module:
         backbone.head_input = RandomProjection(int(backbone.num_features), cfg.ranpac_dim)
