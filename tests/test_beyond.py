@@ -178,6 +178,21 @@ def test_report_has_a_row_per_variant_and_the_published_numbers(straight, tmp_pa
     assert code == 0, stderr
     for label in ("SimpleCIL", "RanPAC", "RanPAC (adapted)", "SLCA (closed-form, shrinkage)"):
         assert f"| {label} |" in stdout, label
+    # Relabelled as Stanford Cars, the rows get the RanPAC paper's numbers (Table 1 / 2), and the note its source.
+    import shutil
+    for name in ("simplecil", "ranpac", "ranpac-adapt"):
+        folder = tmp_path / "cars" / name / "seed-1993"
+        shutil.copytree(straight / name / "seed-1993", folder)
+        for file in ("config.json", "metrics.json"):
+            data = read_json(folder / file)
+            data.get("config", data).update(dataset="cars196")
+            (folder / file).write_text(json.dumps(data))
+    code, stdout, stderr = cli("report", tmp_path / "cars", "--out", tmp_path / "r2", "--paper", "--no-figures")
+    assert code == 0, stderr
+    rows = {line.split(" | ")[2]: line for line in stdout.splitlines() if line.startswith("| cars196")}
+    assert rows["SimpleCIL"].endswith("| 37.70 | - |") and rows["RanPAC"].endswith("| 66.00 | - |")
+    assert rows["RanPAC (adapted)"].endswith("| 77.50 | - |")
+    assert "RanPAC paper (McDonnell et al., NeurIPS 2023" in stdout
 
 
 @pytest.mark.parametrize("flag", [["--ranpac-dim", 32], ["--ranpac-adapt"]])
