@@ -72,6 +72,15 @@ def shape_check(last: dict) -> dict:
     return checks
 
 
+def finished(run_dir: Path) -> bool:
+    """A run folder whose every task is done (a partial run would show a misleading Last-Acc in the report)."""
+    path = run_dir / "metrics.json"
+    if not path.is_file():
+        return False
+    metrics = json.loads(path.read_text())
+    return metrics.get("tasks_done") == len(metrics.get("task_sizes", [None]))
+
+
 def committed_results(path: Path, args) -> dict:
     """The committed benchmark.json's numbers, reused for the methods not run now if its settings are these."""
     if not path.is_file():
@@ -115,7 +124,7 @@ def main() -> None:
         probe = probe_seed(runs / "sl" / f"seed-{args.seed}", device=args.device, show_progress=False)
         seconds["probe (sl)"] = time.perf_counter() - started
     kept = committed_results(results / "benchmark.json", args)
-    report = build_report([runs / m for m in ALL if (runs / m).is_dir()], results, paper=True)
+    report = build_report([runs / m for m in ALL if finished(runs / m / f"seed-{args.seed}")], results, paper=True)
     ran = dict(seconds)
     seconds = {**kept.get("seconds", {}), **seconds}
     last = {**kept.get("last_acc", {}), **last}
