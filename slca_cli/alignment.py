@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from einops import rearrange, repeat
 from torch import nn
 
+from .closed_form import align_closed_form
 from .presets import DEFAULTS
 
 
@@ -112,6 +113,7 @@ class AlignmentRecipe:
     tau: float = DEFAULTS["tau"]
     logit_norm: bool = DEFAULTS["logit_norm"]
     mean_scaling: str = DEFAULTS["mean_scaling"]
+    mode: str = DEFAULTS["align_mode"]
     sample_transform: Optional[SampleTransform] = None
 
 
@@ -126,8 +128,11 @@ def align_classifier(heads: nn.ModuleList, means: torch.Tensor, chol: torch.Tens
     column of ones, with the closed-form gradient of ``alignment_loss_and_grad`` and SGD written out (momentum,
     weight decay, cosine learning rate per epoch as torch's SGD and CosineAnnealingLR): elementwise, so the
     same optimization as per-head parameters, with two matmuls per batch whatever the number of heads.
-    ``progress(epoch, mean loss)`` is called after every epoch.
+    ``progress(epoch, mean loss)`` is called after every epoch. ``recipe.mode == "closed-form"`` sets the heads
+    to the LDA classifier of the Gaussians instead (closed_form.py; no sampling, no epochs).
     """
+    if recipe.mode == "closed-form":
+        return align_closed_form(heads, means, chol)
     device = heads[0].weight.device
     means = means.to(device=device, dtype=torch.float64)
     if recipe.mean_scaling != "off":

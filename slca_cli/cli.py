@@ -127,6 +127,10 @@ def train(
     restore_stage1_heads: Optional[bool] = _option(
         ALIGNMENT, "Authors' quirk: the next task starts from the unaligned heads.",
         "--restore-stage1-heads/--keep-aligned-heads"),
+    covariance: Optional[str] = _option(ALIGNMENT, "Class covariances: ridge (the paper's + 1e-4 I) or shrinkage "
+                                                   "(OAS, from the accumulated sums)."),
+    align_mode: Optional[str] = _option(ALIGNMENT, "sampled (the paper's Gaussian samples) or closed-form (LDA heads "
+                                                   "from the stored means and covariances, no sampling)."),
     sce_a: Optional[float] = _option(METHOD, "Symmetric CE: weight of cross-entropy."),
     sce_b: Optional[float] = _option(METHOD, "Symmetric CE: weight of reverse cross-entropy (0 = plain CE)."),
     lora_rank: Optional[int] = _option(METHOD, "slca++: LoRA rank on each block's qkv, fc1, fc2."),
@@ -140,6 +144,11 @@ def train(
     prompt_top_k: Optional[int] = _option(METHOD, "l2p: prompts chosen per image."),
     g_prompt_length: Optional[int] = _option(METHOD, "dualprompt: G-prompt length."),
     matching_weight: Optional[float] = _option(METHOD, "l2p/dualprompt: weight of the key-query matching loss."),
+    ranpac_dim: Optional[int] = _option(METHOD, "ranpac: random projection size M (the M x M Gram matrix is 4 M^2 "
+                                                "bytes; default 10000: 381 MiB)."),
+    ranpac_adapt: Optional[bool] = _option(METHOD, "ranpac: adapt the backbone on the first task (slow-learner "
+                                                   "rates) before freezing it (default: off, training-free).",
+                                           "--ranpac-adapt/--no-ranpac-adapt"),
     out: Optional[Path] = _option(RUN, "Run folder; default runs/<dataset>-<backbone>-<method>."),
     seed: List[int] = _option(RUN, "Seed; repeat for several runs (paper: 1993, 1996, 1997).", default=[1993]),
     resume: bool = _option(RUN, "Continue after the last complete task-NN/ folder.", "--resume", default=False),
@@ -274,6 +283,8 @@ def demo_command(
     train_per_class: Optional[int] = typer.Option(60, help="Training images per digit (of about 120)."),
     test_per_class: Optional[int] = typer.Option(None, help="Use at most this many test images per digit (all: "
                                                             "about 60)."),
+    method: Optional[List[str]] = typer.Option(None, help="Methods to compare; repeat (default: seqft, sl, "
+                                                          "slca; any of `slca methods`)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     threads: Optional[int] = threads_option(),
     progress: str = progress_option(),
@@ -288,7 +299,8 @@ def demo_command(
 
     outcome = run_demo(out, backbone=backbone, epochs=epochs, batch_size=batch_size,
                        image_size=image_size, train_per_class=train_per_class, test_per_class=test_per_class,
-                       device=device, log=typer.echo, show_progress=progress_mode(progress, no_progress))
+                       device=device, log=typer.echo, show_progress=progress_mode(progress, no_progress),
+                       **({"methods": tuple(dict.fromkeys(method))} if method else {}))
     typer.echo("")
     typer.echo(comparison_table(outcome))
     typer.echo(f"\nreport: {', '.join(written_files(outcome))}")

@@ -23,17 +23,30 @@ class ContinualModel(nn.Module):
 
     def add_head(self, num_classes: int) -> nn.Linear:
         """A new head: truncated normal weights (std 0.02), zero bias, as in the authors' code."""
-        head = nn.Linear(self.feature_dim, num_classes)
+        head = nn.Linear(self.head_dim, num_classes)
         nn.init.trunc_normal_(head.weight, std=0.02)
         nn.init.zeros_(head.bias)
         device = next(self.backbone.parameters()).device
         self.task_heads.append(head.to(device))
         return head
 
+    @property
+    def head_input(self) -> Optional[nn.Module]:
+        """A method's fixed map from features to what the heads read (RanPAC's random projection), kept as
+        ``backbone.head_input`` so that it is saved and rebuilt with the backbone; None: the features themselves."""
+        project = getattr(self.backbone, "head_input", None)
+        return project if project is not None and getattr(project, "active", True) else None
+
+    @property
+    def head_dim(self) -> int:
+        return self.feature_dim if self.head_input is None else int(self.head_input.out_features)
+
     def features(self, images: torch.Tensor) -> torch.Tensor:
         return self.backbone(images)
 
     def logits(self, features: torch.Tensor, head: Optional[int] = None) -> torch.Tensor:
+        if self.head_input is not None:
+            features = self.head_input(features)
         if head is not None:
             return self.task_heads[head](features)
         return torch.cat([h(features) for h in self.task_heads], dim=1)

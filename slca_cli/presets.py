@@ -37,6 +37,8 @@ CHOICES: Dict[str, Tuple[str, ...]] = {
     "optimizer": ("sgd", "adam"),
     "schedule": ("step", "cosine", "constant"),
     "mean_scaling": ("task", "authors", "off"),
+    "covariance": ("ridge", "shrinkage"),
+    "align_mode": ("sampled", "closed-form"),
 }
 
 
@@ -105,6 +107,10 @@ class RunConfig:
     prompt_top_k: int = 5
     g_prompt_length: int = 5
     matching_weight: float = 0.1
+    covariance: str = "ridge"  # class covariances: + cov_ridge I (paper) or OAS shrinkage (closed_form.py)
+    align_mode: str = "sampled"  # classifier alignment: Gaussian samples (paper) or LDA heads in closed form
+    ranpac_dim: int = 10000
+    ranpac_adapt: bool = False
     # Where the inputs are (the data's file-list checksum and the weights' sha256 are checked separately).
     data_root: Optional[str] = execution()
     weights: Optional[str] = execution()
@@ -194,7 +200,7 @@ def resolve_config(dataset: str, backbone: str, method: str, *, backbone_family:
 
 def _check(cfg: RunConfig) -> None:
     positive = dict(epochs=cfg.epochs, batch_size=cfg.batch_size, image_size=cfg.image_size,
-                    ca_samples=cfg.ca_samples, ca_batch_size=cfg.ca_batch_size)
+                    ca_samples=cfg.ca_samples, ca_batch_size=cfg.ca_batch_size, ranpac_dim=cfg.ranpac_dim)
     if cfg.checkpoint_every < 0:
         raise SlcaError(f"--checkpoint-every must be 0 (off) or a number of epochs, got {cfg.checkpoint_every}")
     for name, value in positive.items():

@@ -75,6 +75,7 @@ class ResumePoint:
     means: List[torch.Tensor] = field(default_factory=list)
     chols: List[torch.Tensor] = field(default_factory=list)
     last: Optional[Tuple[TaskState, Tensors]] = None  # the last finished task's state and model tensors
+    method_state: Tensors = field(default_factory=dict)  # what Method.fit_classifier returned after it
 
 
 def check_same_experiment(stored: RunConfig, cfg: RunConfig, run_dir: Path) -> None:
@@ -95,6 +96,7 @@ def find_resume_point(run_dir: Path, cfg: RunConfig, log: Callable[[str], None])
         point.means.append(stats["means"])
         point.chols.append(stats["chol"] if "chol" in stats else cholesky_factors(stats["covs"]))  # older: covs
         point.last = (state, tensors[MODEL_FILE])
+        point.method_state = {k[len("method."):]: v for k, v in stats.items() if k.startswith("method.")}
     for warning in warnings:
         log(f"warning: {warning}")
     if point.last is None:

@@ -20,12 +20,14 @@ from . import __version__
 from .alignment import align_classifier
 from .checkpoint import atomic_write_json, atomic_write_text, complete_tasks, rng_state, save_task, set_rng_state
 from .checkpoint import sha256_file
+from .closed_form import shrink_class_covariances
 from .data import DatasetSplits
 from .data.loaders import PassLoaders, resolve_device_augment
 from .distributed import check_batch_split, sum_across_processes
 from .errors import SlcaError
 from .learner import default_workers, evaluate, feature_batches, fit_task
 from .methods import get_method
+from .methods.base import ClassifierInputs
 from .metrics import summarize
 from .midtask import EpochCheckpoints, refuse_leftover
 from .model import ContinualModel
@@ -95,13 +97,18 @@ def run_seed(cfg: RunConfig, seed: int, run_dir: Path, accelerator, data: Datase
 
         losses = fit_task(model, loaders.train(new_classes, task_seed(seed, task)), accelerator,
                           method.recipe(model, task, cfg), task=task, label_offset=offset,
-                          show_progress=show_progress, epoch_checkpoints=epoch_checkpoints.for_task(task))
+                          show_progress=show_progress, epoch_checkpoints=epoch_checkpoints.for_task(task)) \
+            if method.trains(task, cfg) else []
 
         mark("statistics", task=task + 1)
         task_means, task_chol = class_statistics(model, loaders.statistics(new_classes), offset, len(new_classes),
-                                                 accelerator, cfg.cov_ridge, show_progress, task)
+                                                 accelerator, cfg, show_progress, task)
         point.means.append(task_means.cpu())
         point.chols.append(task_chol.cpu())
+        point.method_state = method.fit_classifier(model, task, cfg, ClassifierInputs(
+            task_means, lambda: feature_batches(model, loaders.statistics(new_classes), accelerator,
+                                                f"task {task + 1} classifier", show_progress),
+            accelerator, offset, point.method_state, log))
 
         stage1_heads = model.head_state()
         align_losses: List[float] = []
@@ -150,16 +157,20 @@ def fresh_start(run_dir: Path) -> ResumePoint:
     return ResumePoint()
 
 
-def class_statistics(model: ContinualModel, loader, offset: int, num_classes: int, accelerator, ridge: float,
+def class_statistics(model: ContinualModel, loader, offset: int, num_classes: int, accelerator, cfg: RunConfig,
                      show_progress: bool, task: int):
     """Means and Cholesky factors of the new classes' features: test transform, eval mode, computed once. Each
-    process reads its own shard; the partial sums are all-reduced, so every process holds the same statistics."""
+    process reads its own shard; the partial sums are all-reduced, so every process holds the same statistics.
+    Covariances: + ``cov_ridge`` I (the paper), or OAS-shrunk and then + ``cov_ridge`` I (``--covariance
+    shrinkage``)."""
     accumulator = ClassStatistics(num_classes, model.feature_dim, device=accelerator.device)
     for features, labels in feature_batches(model, loader, accelerator, f"task {task + 1} statistics",
                                             show_progress):
         accumulator.update(features, labels - offset)
     accumulator.all_reduce(lambda t: sum_across_processes(t, accelerator))
-    means, covs = accumulator.finalize(ridge)
+    means, covs = accumulator.finalize(cfg.cov_ridge if cfg.covariance == "ridge" else 0.0)
+    if cfg.covariance == "shrinkage":
+        covs = shrink_class_covariances(covs, accumulator.counts, cfg.cov_ridge)
     return means, cholesky_factors(covs)  # once per class; the sampler reuses the factors in every later task
 
 
@@ -180,7 +191,8 @@ def save_finished_task(run_dir: Path, task: int, cfg: RunConfig, model: Continua
     model_tensors = dict(model.state_dict())
     model_tensors.update({f"stage1_heads.{k}": v for k, v in stage1_heads.items()})
     # The covariance is chol @ chol.T; storing only the factor halves the file (D x D per class).
-    stats_tensors = {"means": means, "chol": chol, "classes": torch.tensor(new_classes, dtype=torch.long)}
+    stats_tensors = {"means": means, "chol": chol, "classes": torch.tensor(new_classes, dtype=torch.long),
+                     **{f"method.{k}": v for k, v in point.method_state.items()}}
     state = {"format": "slca-task", "version": 1, "task": task, "seed": header["seed"], "config": cfg.to_dict(),
              "class_order": header["class_order"], "task_sizes": list(cfg.task_sizes), "counts": point.counts,
              "metrics": {k: record[k] for k in ("accuracy_matrix", "task_accuracy", "last_acc", "inc_acc",

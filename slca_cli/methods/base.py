@@ -1,7 +1,10 @@
 """A method is a small policy the task loop consults; the default is the seed paper's slow learner."""
 from __future__ import annotations
 
-from typing import Callable, List, Optional
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+
+import torch
 
 from torch import nn
 
@@ -26,6 +29,9 @@ class Method:
     - ``start_task``: per-task state (which E-prompt trains, LoRA initialization).
     - ``recipe``: which parameters train at what lr, optimizer, schedule, loss.
     - ``alignment`` / ``after_alignment``: how classifier alignment runs, and what follows it.
+    - ``trains`` / ``fit_classifier``: methods whose classifier is computed, not trained (simplecil, ranpac) skip
+      stage 1 and set the heads from the class statistics or a feature pass; the tensors they return are kept in
+      each task's stats.safetensors (``method.*``) and handed back next task (also after ``--resume``).
     """
 
     def __init__(self, spec: MethodSpec):
@@ -65,6 +71,29 @@ class Method:
     def after_alignment(self, model: nn.Module, task_sizes: List[int], cfg: RunConfig) -> None:
         pass
 
+    def trains(self, task: int, cfg: RunConfig) -> bool:
+        """Whether stage 1 (``learner.fit_task``) runs in this task."""
+        return True
+
+    def fit_classifier(self, model: nn.Module, task: int, cfg: RunConfig, inputs: "ClassifierInputs"
+                       ) -> Dict[str, torch.Tensor]:
+        """Set heads after the class statistics of ``task``; returns the state to store (default: none)."""
+        return {}
+
+
+@dataclass
+class ClassifierInputs:
+    """What ``Method.fit_classifier`` may use: this task's class means, a fresh pass over this process's shard of
+    the task's training images under the test transform (``batches()`` -> (features, labels)), the accelerator
+    (all-reduce, gather), the first label of the task, the state returned last task, and the run's log."""
+
+    task_means: torch.Tensor
+    batches: Callable[[], Iterator[Tuple[torch.Tensor, torch.Tensor]]]
+    accelerator: Any
+    offset: int
+    state: Dict[str, torch.Tensor] = field(default_factory=dict)
+    log: Callable[[str], None] = print
+
 
 def recipe_from_config(groups, cfg: RunConfig, **changes) -> TrainingRecipe:
     """A recipe over explicit parameter groups with the run's optimizer, schedule, clipping and loss settings."""
@@ -79,7 +108,7 @@ def alignment_from_config(cfg: RunConfig, **changes) -> AlignmentRecipe:
     """The run's alignment settings (spec section 5); momentum and weight decay are stage 1's."""
     values = dict(epochs=cfg.ca_epochs, samples_per_class=cfg.ca_samples, batch_size=cfg.ca_batch_size,
                   lr=cfg.ca_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, tau=cfg.tau,
-                  logit_norm=cfg.logit_norm, mean_scaling=cfg.mean_scaling)
+                  logit_norm=cfg.logit_norm, mean_scaling=cfg.mean_scaling, mode=cfg.align_mode)
     values.update(changes)
     return AlignmentRecipe(**values)
 

@@ -70,6 +70,12 @@ CATALOG: Tuple[MethodSpec, ...] = (
                             lr_drop_epoch=None, sce_a=1.0, sce_b=0.1, lora_rank=4, lora_scale=0.8,
                             mean_scaling="off", sample_shrink=0.02),
                dataset_presets={"imagenet-r": _SLCAPP_HALF_SCE, "cars196": _SLCAPP_HALF_SCE}),
+    # Training-free baselines on the frozen pre-trained backbone with its own final norm (CONTRIBUTING.md);
+    # RanPAC's optional first-task adaptation (--ranpac-adapt) uses the slow learner's rates.
+    MethodSpec("simplecil", "SimpleCIL", "frozen backbone, class-mean prototypes, cosine classifier (no training)",
+               "simplecil:SimpleCIL", presets=dict(lr_backbone=0.0, fresh_norm=False)),
+    MethodSpec("ranpac", "RanPAC", "frozen backbone, random projection to M dims + ReLU, ridge classifier (Gram "
+               "matrix per task)", "ranpac:RanPAC", presets=dict(fresh_norm=False)),
 )
 METHODS: Dict[str, MethodSpec] = {spec.name: spec for spec in CATALOG}
 
