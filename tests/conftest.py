@@ -44,6 +44,21 @@ def assert_one_line_error(code, stderr, *fragments):
         assert fragment in lines[0], (fragment, lines[0])
 
 
+def interrupt_at_task(monkeypatch, task):
+    """Stop the run (as Ctrl-C does) when task ``task`` reaches evaluation; returns the real ``evaluate`` (to put
+    back with ``monkeypatch.setattr``)."""
+    import slca_cli.runner as runner
+    real = runner.evaluate
+
+    def stop(model, loader, accelerator, sizes, *rest):
+        if len(sizes) == task:
+            raise KeyboardInterrupt
+        return real(model, loader, accelerator, sizes, *rest)
+
+    monkeypatch.setattr(runner, "evaluate", stop)
+    return real
+
+
 def read_json(path):
     return json.loads(Path(path).read_text())
 

@@ -2,7 +2,7 @@
 an interrupted run resumed appends the later tasks and logs no step twice."""
 import pytest
 
-from tests.conftest import TINY, read_json
+from conftest import TINY, interrupt_at_task, read_json
 
 accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
 
@@ -19,19 +19,6 @@ def read_scalars(folder):
         for tag in events.Tags()["scalars"]:
             out.setdefault(tag, []).extend((e.step, e.value) for e in events.Scalars(tag))
     return out
-
-
-def interrupt_at_task(monkeypatch, task):
-    """Stop the run (as Ctrl-C does) when task ``task`` reaches evaluation; undo with monkeypatch.undo()."""
-    import slca_cli.runner as runner
-    real = runner.evaluate
-
-    def stop(model, loader, accelerator, sizes, *rest):
-        if len(sizes) == task:
-            raise KeyboardInterrupt
-        return real(model, loader, accelerator, sizes, *rest)
-
-    monkeypatch.setattr(runner, "evaluate", stop)
 
 
 def test_an_interrupted_run_resumed_logs_every_task_and_epoch_once(cli, tmp_path, monkeypatch):

@@ -3,7 +3,7 @@ import shutil
 
 import pytest
 
-from conftest import TINY, assert_one_line_error, read_json
+from conftest import TINY, assert_one_line_error, interrupt_at_task, read_json
 
 RUN = [*TINY, "--tasks", 2, "--epochs", 2, "--num-classes", 4, "--train-per-class", 6, "--test-per-class", 3,
        "--batch-size", 4, "--ca-epochs", 1]
@@ -25,14 +25,7 @@ def straight(tmp_path_factory):
 def interrupted(cli, monkeypatch, out, task):
     """A run stopped (as by Ctrl-C) when task ``task`` (1-based) reaches evaluation: its epochs are all saved."""
     import slca_cli.runner as runner
-    real = runner.evaluate
-
-    def stop(model, loader, accelerator, sizes, *rest):
-        if len(sizes) == task:
-            raise KeyboardInterrupt
-        return real(model, loader, accelerator, sizes, *rest)
-
-    monkeypatch.setattr(runner, "evaluate", stop)
+    real = interrupt_at_task(monkeypatch, task)
     code, _, err = cli("train", *RUN, "--out", out, "--checkpoint-every", 1)
     monkeypatch.setattr(runner, "evaluate", real)
     assert code == 130 and "interrupted by SIGINT" in err, err

@@ -3,8 +3,7 @@ unknown or missing tracker, and a resume that continues the same tracker run wit
 import pytest
 
 from slca_cli import tracking
-from tests.conftest import TINY, assert_one_line_error, read_json
-from tests.test_events import interrupt_at_task
+from conftest import TINY, assert_one_line_error, interrupt_at_task, read_json
 
 RUN = ["train", *TINY, "--tasks", 3, "--epochs", 2, "--num-classes", 6, "--ca-epochs", 1, "--train-per-class", 4,
        "--test-per-class", 2, "--workers", 0]
