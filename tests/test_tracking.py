@@ -16,9 +16,12 @@ def test_an_unknown_tracker_is_one_line(cli, tmp_path):
 
 def test_a_missing_tracker_package_names_the_extra(cli, tmp_path, monkeypatch):
     monkeypatch.setitem(tracking.TRACKERS, "aim", ("no_such_tracker_module", "aim"))
-    code, _, err = cli(*RUN, "--log-with", "all", "--out", tmp_path)
+    code, _, err = cli(*RUN, "--log-with", "aim", "--out", tmp_path / "aim")
     assert_one_line_error(code, err, "--log-with aim needs the no_such_tracker_module package",
                           "pip install 'slca[aim]'")
+    # `all` stops at the first tracker whose package is missing (aim at least, here), with the same kind of line.
+    code, _, err = cli(*RUN, "--log-with", "all", "--out", tmp_path / "all")
+    assert_one_line_error(code, err, "needs the", "package, which is not installed: pip install 'slca[")
 
 
 def test_all_expands_and_tensorboard_is_events():
