@@ -35,7 +35,8 @@ METHODS = ("seqft", "sl", "slca", "joint", "linear")
 VARIANTS = {"simplecil": ("simplecil", {}), "ranpac": ("ranpac", {}),
             "slca-shrinkage": ("slca", dict(covariance="shrinkage")),
             "slca-closed-form": ("slca", dict(align_mode="closed-form")),
-            "slca-closed-form-shrinkage": ("slca", dict(align_mode="closed-form", covariance="shrinkage"))}
+            "slca-closed-form-shrinkage": ("slca", dict(align_mode="closed-form", covariance="shrinkage")),
+            "slca-drift": ("slca", dict(drift_compensation="linear"))}
 ALL = METHODS + tuple(VARIANTS)
 
 

@@ -131,6 +131,13 @@ def train(
                                                    "(OAS, from the accumulated sums)."),
     align_mode: Optional[str] = _option(ALIGNMENT, "sampled (the paper's Gaussian samples) or closed-form (LDA heads "
                                                    "from the stored means and covariances, no sampling)."),
+    drift_compensation: Optional[str] = _option(ALIGNMENT, "off (the paper) or linear: move the old classes' stored "
+                                                           "Gaussians by a drift map fitted on each task's images "
+                                                           "before and after stage 1."),
+    drift_views: Optional[int] = _option(ALIGNMENT, "Drift fit: augmented views of the task's images (plus one "
+                                                    "unaugmented pass)."),
+    drift_ridge: Optional[float] = _option(ALIGNMENT, "Drift fit: ridge, relative to the features' mean "
+                                                      "eigenvalue."),
     sce_a: Optional[float] = _option(METHOD, "Symmetric CE: weight of cross-entropy."),
     sce_b: Optional[float] = _option(METHOD, "Symmetric CE: weight of reverse cross-entropy (0 = plain CE)."),
     lora_rank: Optional[int] = _option(METHOD, "slca++: LoRA rank on each block's qkv, fc1, fc2."),

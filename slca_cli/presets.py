@@ -39,6 +39,7 @@ CHOICES: Dict[str, Tuple[str, ...]] = {
     "mean_scaling": ("task", "authors", "off"),
     "covariance": ("ridge", "shrinkage"),
     "align_mode": ("sampled", "closed-form"),
+    "drift_compensation": ("off", "linear"),
 }
 
 
@@ -109,6 +110,9 @@ class RunConfig:
     matching_weight: float = 0.1
     covariance: str = "ridge"  # class covariances: + cov_ridge I (paper) or OAS shrinkage (closed_form.py)
     align_mode: str = "sampled"  # classifier alignment: Gaussian samples (paper) or LDA heads in closed form
+    drift_compensation: str = "off"  # move the stored Gaussians with the backbone's drift (drift.py)
+    drift_views: int = 8  # train-transform passes (besides the test-transform one) the drift is fitted on
+    drift_ridge: float = 1.0  # ridge of the drift fit, relative to the mean eigenvalue of the features' Gram
     ranpac_dim: int = 10000
     ranpac_adapt: bool = False
     # Where the inputs are (the data's file-list checksum and the weights' sha256 are checked separately).
@@ -212,6 +216,12 @@ def _check(cfg: RunConfig) -> None:
         raise SlcaError(f"--tau must be positive, got {cfg.tau}")
     for name in CHOICES:
         check_choice(name, getattr(cfg, name))
+    if cfg.drift_views < 0 or cfg.drift_ridge <= 0:
+        raise SlcaError(f"--drift-views must be >= 0 and --drift-ridge > 0, got {cfg.drift_views} and "
+                        f"{cfg.drift_ridge}")
+    if cfg.drift_compensation != "off" and not cfg.align:
+        raise SlcaError(f"--drift-compensation moves the class statistics that classifier alignment uses; --method "
+                        f"{cfg.method} does not align them: use --method slca (or slca++), or drop the flag")
     if cfg.lr_backbone < 0 or cfg.lr_head <= 0:
         raise SlcaError("--lr-backbone must be >= 0 and --lr-head > 0")
     for name in ("train_per_class", "test_per_class"):

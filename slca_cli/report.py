@@ -138,9 +138,11 @@ def method_label(config: Dict[str, Any]) -> str:
 
 
 def alignment_suffix(config: Dict[str, Any]) -> str:
-    """What --align-mode closed-form and --covariance shrinkage change: `` (closed-form, shrinkage)``."""
+    """What --align-mode closed-form, --covariance shrinkage and --drift-compensation change:
+    `` (closed-form, shrinkage, drift-compensated)``."""
     parts = [p for p, on in (("closed-form", config.get("align_mode") == "closed-form"),
-                             ("shrinkage", config.get("covariance") == "shrinkage")) if on]
+                             ("shrinkage", config.get("covariance") == "shrinkage"),
+                             ("drift-compensated", config.get("drift_compensation", "off") != "off")) if on]
     return f" ({', '.join(parts)})" if parts else ""
 
 

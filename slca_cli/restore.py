@@ -12,6 +12,7 @@ from .backbones import BackboneSpec, get_backbone
 from .checkpoint import (MODEL_FILE, STATS_FILE, TaskState, check_tensor_file, intact_tasks, load_tensors,
                          read_state)
 from .data import DatasetSplits
+from .drift import compensate
 from .errors import SlcaError
 from .methods import get_method
 from .model import ContinualModel, replace_final_norm
@@ -93,6 +94,8 @@ def find_resume_point(run_dir: Path, cfg: RunConfig, log: Callable[[str], None])
     point = ResumePoint()
     for state, tensors in intact_tasks(run_dir, warnings, load=(MODEL_FILE, STATS_FILE)):
         stats = tensors[STATS_FILE]
+        if "drift" in stats:  # --drift-compensation: this task moved the earlier Gaussians
+            point.means, point.chols = compensate(stats["drift"], point.means, point.chols)
         point.means.append(stats["means"])
         point.chols.append(stats["chol"] if "chol" in stats else cholesky_factors(stats["covs"]))  # older: covs
         point.last = (state, tensors[MODEL_FILE])

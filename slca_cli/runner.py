@@ -9,7 +9,7 @@ import resource
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 import torch
@@ -23,6 +23,7 @@ from .checkpoint import sha256_file
 from .closed_form import shrink_class_covariances
 from .data import DatasetSplits
 from .data.loaders import PassLoaders, resolve_device_augment
+from .drift import compensate, drift_features, drift_loaders, estimate_drift
 from .distributed import check_batch_split, sum_across_processes
 from .errors import SlcaError
 from .learner import default_workers, evaluate, feature_batches, fit_task
@@ -95,11 +96,22 @@ def run_seed(cfg: RunConfig, seed: int, run_dir: Path, accelerator, data: Datase
         model.add_head(cfg.task_sizes[task])
         method.start_task(model, task, cfg)
 
+        def drift_pass():  # fresh loaders each time: the same images, views and order before and after
+            return drift_features(model, drift_loaders(loaders, new_classes, cfg.drift_views, task_seed(seed, task)),
+                                  accelerator)
+        compensating = cfg.drift_compensation != "off" and task > 0 and method.trains(task, cfg)
+        before = drift_pass() if compensating else None
         losses = fit_task(model, loaders.train(new_classes, task_seed(seed, task)), accelerator,
                           method.recipe(model, task, cfg), task=task, label_offset=offset,
                           show_progress=show_progress, epoch_checkpoints=epoch_checkpoints.for_task(task)) \
             if method.trains(task, cfg) else []
 
+        drift = None
+        if before is not None:  # the old classes' Gaussians follow the backbone's drift in this task
+            drift = estimate_drift(before, drift_pass(), cfg.drift_ridge,
+                                   lambda t: sum_across_processes(t, accelerator)).cpu()
+            point.means, point.chols = compensate(drift, point.means, point.chols)
+            before = None
         mark("statistics", task=task + 1)
         task_means, task_chol = class_statistics(model, loaders.statistics(new_classes), offset, len(new_classes),
                                                  accelerator, cfg, show_progress, task)
@@ -133,7 +145,7 @@ def run_seed(cfg: RunConfig, seed: int, run_dir: Path, accelerator, data: Datase
         if accelerator.is_main_process:
             with uninterruptible():  # a stop signal waits until the task folder and metrics are written
                 save_finished_task(run_dir, task, cfg, model, stage1_heads, task_means, task_chol, new_classes,
-                                   header, record, point)
+                                   header, record, point, drift)
                 mark("metrics", task=task + 1)
                 write_metrics(run_dir, record)
                 log_task_scalars(events, cfg, task, record, losses, align_losses)
@@ -186,13 +198,16 @@ def alignment_progress(task: int, bar, losses: List[float]) -> Callable[[int, fl
 
 def save_finished_task(run_dir: Path, task: int, cfg: RunConfig, model: ContinualModel, stage1_heads, means,
                        chol, new_classes: List[int], header: Dict[str, Any], record: Dict[str, Any],
-                       point: ResumePoint) -> None:
-    """``task-NN/``: weights (aligned and stage-1 heads), the new classes' statistics and the state to resume."""
+                       point: ResumePoint, drift: Optional[torch.Tensor] = None) -> None:
+    """``task-NN/``: weights (aligned and stage-1 heads), the new classes' statistics (as measured; ``drift``, the
+    map this task applied to the earlier ones, is stored beside them) and the state to resume."""
     model_tensors = dict(model.state_dict())
     model_tensors.update({f"stage1_heads.{k}": v for k, v in stage1_heads.items()})
     # The covariance is chol @ chol.T; storing only the factor halves the file (D x D per class).
     stats_tensors = {"means": means, "chol": chol, "classes": torch.tensor(new_classes, dtype=torch.long),
                      **{f"method.{k}": v for k, v in point.method_state.items()}}
+    if drift is not None:
+        stats_tensors["drift"] = drift
     state = {"format": "slca-task", "version": 1, "task": task, "seed": header["seed"], "config": cfg.to_dict(),
              "class_order": header["class_order"], "task_sizes": list(cfg.task_sizes), "counts": point.counts,
              "metrics": {k: record[k] for k in ("accuracy_matrix", "task_accuracy", "last_acc", "inc_acc",
