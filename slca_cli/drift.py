@@ -9,17 +9,19 @@ The idea is that of learnable drift compensation (Gomez-Villa et al., ECCV 2024)
 """
 from __future__ import annotations
 
-from typing import List, Sequence, Tuple
+from typing import Callable, List, Sequence, Tuple
 
 import torch
 
 
-def fit_linear_drift(before: torch.Tensor, after: torch.Tensor, ridge: float) -> torch.Tensor:
+def fit_linear_drift(before: torch.Tensor, after: torch.Tensor, ridge: float,
+                     reduce: Callable[[torch.Tensor], torch.Tensor] = lambda t: t) -> torch.Tensor:
     """``P = I + Delta`` minimizing ``||after - before P^T||^2 + lam ||Delta||^2`` over paired rows (N, D), with
     ``lam = ridge * tr(before^T before) / D`` (``ridge`` is relative to the mean eigenvalue, so it does not depend
-    on the features' scale or count). Shrinks towards no drift where the current images span no direction."""
+    on the features' scale or count). Shrinks towards no drift where the current images span no direction.
+    ``reduce`` sums the two D x D moments over processes (each holding its own rows)."""
     a, b = before.to(torch.float64), after.to(torch.float64)
-    return linear_drift_from_sums(a.T @ a, (b - a).T @ a, ridge)
+    return linear_drift_from_sums(reduce(a.T @ a), reduce((b - a).T @ a), ridge)
 
 
 def linear_drift_from_sums(gram: torch.Tensor, cross: torch.Tensor, ridge: float) -> torch.Tensor:
@@ -56,9 +58,8 @@ def drift_features(model, passes, accelerator) -> List[torch.Tensor]:
 
 
 def estimate_drift(before: List[torch.Tensor], after: List[torch.Tensor], ridge: float, reduce) -> torch.Tensor:
-    """The drift map from paired per-process features; ``reduce`` sums a tensor over processes."""
-    a = torch.cat(before).to(torch.float64)
-    b = torch.cat(after).to(torch.float64)
+    """The drift map from paired per-process features of the passes; ``reduce`` sums a tensor over processes."""
+    a, b = torch.cat(before), torch.cat(after)
     if a.shape != b.shape:
         raise RuntimeError(f"drift passes differ in size before and after stage 1 ({a.shape} vs {b.shape})")
-    return linear_drift_from_sums(reduce(a.T @ a), reduce((b - a).T @ a), ridge)
+    return fit_linear_drift(a, b, ridge, reduce)

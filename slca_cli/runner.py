@@ -111,7 +111,6 @@ def run_seed(cfg: RunConfig, seed: int, run_dir: Path, accelerator, data: Datase
             drift = estimate_drift(before, drift_pass(), cfg.drift_ridge,
                                    lambda t: sum_across_processes(t, accelerator)).cpu()
             point.means, point.chols = compensate(drift, point.means, point.chols)
-            before = None
         mark("statistics", task=task + 1)
         task_means, task_chol = class_statistics(model, loaders.statistics(new_classes), offset, len(new_classes),
                                                  accelerator, cfg, show_progress, task)
