@@ -22,22 +22,24 @@ from fake_datasets import cars_class_names, image_bytes
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 
-def write_shard(path: Path, rows, names, with_paths: bool) -> None:
+def write_shard(path: Path, rows, names, with_paths: bool, columns=("image", "label")) -> None:
     """A parquet shard as the `datasets` library writes one: image struct (bytes, path), int label, and the class
     names in the schema's "huggingface" metadata."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    features = {"image": {"_type": "Image"}, "label": {"names": list(names), "_type": "ClassLabel"}}
-    schema = pa.schema([("image", pa.struct([("bytes", pa.binary()), ("path", pa.string())])), ("label", pa.int64())],
+    image, label = columns
+    features = {image: {"_type": "Image"}, label: {"names": list(names), "_type": "ClassLabel"}}
+    schema = pa.schema([(image, pa.struct([("bytes", pa.binary()), ("path", pa.string())])), (label, pa.int64())],
                        metadata={"huggingface": json.dumps({"info": {"features": features}})})
     images = [{"bytes": data, "path": name if with_paths else None} for name, data, _ in rows]
-    table = pa.table({"image": images, "label": [label for _, _, label in rows]}, schema=schema)
+    table = pa.table({image: images, label: [number for _, _, number in rows]}, schema=schema)
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(table, path)
 
 
-def tiny_mirror(folder: Path, mirror, names, per_split=(1, 1), move_to_train: int = 0, with_paths=True):
+def tiny_mirror(folder: Path, mirror, names, per_split=(1, 1), move_to_train: int = 0, with_paths=True,
+                columns=("image", "label")):
     """The mirror's files under ``folder`` (its repo layout), two shards per split; ``move_to_train`` test rows
     become train rows (another split with the same classes)."""
     rows = {split: [(f"{split}_{c:03d}_{k}.jpg", image_bytes((c + 100 * (split == "test") + k) % 250), c)
@@ -48,7 +50,7 @@ def tiny_mirror(folder: Path, mirror, names, per_split=(1, 1), move_to_train: in
     for split in ("train", "test"):
         half = len(rows[split]) // 2
         for shard, part in zip(mirror.files[split], (rows[split][:half], rows[split][half:])):
-            write_shard(folder / shard, part, names, with_paths)
+            write_shard(folder / shard, part, names, with_paths, columns)
     return rows
 
 
@@ -222,7 +224,8 @@ def test_cars196_download_cut_halfway_resumes_and_gives_the_devkit_class_ids(hub
 
 def test_a_failed_file_is_fetched_by_the_next_prepare_and_only_it(hub, tmp_path, cli, monkeypatch):
     mirror = use_mirror(monkeypatch, cub200)
-    tiny_mirror(hub.folder, mirror, cub_names())
+    # Columns renamed from the mirror's: the schema's one Image and one ClassLabel feature are used.
+    tiny_mirror(hub.folder, mirror, cub_names(), columns=("img", "species"))
     broken = mirror.files["test"][0]
     hub.fail = {broken}
     code, _, err = cli("datasets", "prepare", "cub200", "--no-progress", "--no-check-images")
@@ -233,6 +236,7 @@ def test_a_failed_file_is_fetched_by_the_next_prepare_and_only_it(hub, tmp_path,
     assert code == 0, err
     fetched_again = [f for f in mirror.all_files() if len(hub.gets(f)) > got_before[f]]
     assert broken in fetched_again and mirror.files["train"][0] not in fetched_again
+    assert load_dataset("cub200", None).class_names[199] == "200.Bird_200"
 
 
 @pytest.mark.parametrize("variable", ["SLCA_OFFLINE", "HF_HUB_OFFLINE"])
@@ -256,3 +260,22 @@ def test_no_network_names_the_files_to_place(tmp_path, cli, monkeypatch):
     assert_one_line_error(code, err, "not reachable", "cars_test_annos_withlabels.mat", "isaacchung/StanfordCars")
     code, _, err = cli("datasets", "prepare", "cars196", "--no-download")
     assert_one_line_error(code, err, "slca datasets prepare cars196", "cars_train_annos.mat")
+
+
+def test_train_on_a_fresh_machine_fetches_the_benchmark_first(hub, tmp_path, cli, monkeypatch):
+    mirror = use_mirror(monkeypatch, cars196)
+    tiny_mirror(hub.folder, mirror, cars_class_names())
+    out = tmp_path / "run"
+    code, _, err = cli("train", "--dataset", "cars196", "--backbone", "vit-tiny-test", "--device", "cpu", "--epochs", 1,
+                       "--train-per-class", 1, "--test-per-class", 1, "--workers", 0, "--ca-samples", 4,
+                       "--ca-epochs", 1, "--tasks", 2, "--no-progress", "--out", out)
+    assert code == 0, err
+    assert "cars196 is not in" in err and "laid out cars196" in err
+    config = json.loads((out / "seed-1993" / "config.json").read_text())
+    assert config["data_fingerprint"] == load_dataset("cars196", None, train_per_class=1, test_per_class=1).fingerprint()
+    # With several processes nothing is fetched: each would fetch it; the loader's error names the command.
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("SLCA_DATA_ROOT", str(tmp_path / "elsewhere"))
+    from slca_cli.data.prepare import fetch_if_absent
+    fetch_if_absent("cars196", None)
+    assert not (tmp_path / "elsewhere").exists()

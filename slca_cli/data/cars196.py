@@ -206,7 +206,7 @@ def cars196_splits(root: Path, train_per_class: Optional[int], test_per_class: O
     layout, folder, origin = locate_dataset(
         "cars196", root, {"devkit": _devkit_layout, "annos": _annos_layout, "split": has_split_folders}, LAYOUT,
         hints=(FOLDER,),
-        advice="; run `slca datasets prepare cars196` to fetch it from the hub, or (the official site is gone) put "
+        advice="; `slca datasets prepare cars196` fetches it when online, or (the official site is gone) put "
                "a copy of car_devkit.tgz, cars_train.tgz, cars_test.tgz and cars_test_annos_withlabels.mat (or the "
                "extracted folders) there")
     if layout == "devkit":

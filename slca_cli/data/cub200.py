@@ -117,8 +117,8 @@ def write_official_layout(folder: Path, names: List[str], rows: Iterator[Row]) -
 def cub200_splits(root: Path, train_per_class: Optional[int], test_per_class: Optional[int]) -> DatasetSplits:
     layout, folder, _ = locate_dataset(
         "cub200", root, {"official": _official_layout, "split": has_split_folders}, LAYOUT,
-        hints=(FOLDER,), advice=f"; run `slca datasets prepare cub200` to fetch it, or download CUB_200_2011.tgz "
-               f"from {HOME} and put it there")
+        hints=(FOLDER,), advice=f"; `slca datasets prepare cub200` fetches it when online, or download "
+                                f"CUB_200_2011.tgz from {HOME} and put it there")
     if layout == "official":
         splits = official_splits(folder, train_per_class, test_per_class)
     else:

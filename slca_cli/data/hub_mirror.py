@@ -99,12 +99,14 @@ def cached_shards(mirror: Mirror) -> Dict[str, Optional[Path]]:
     return found
 
 
-def unavailable(mirror: Mirror, root: Path, why: str, manual: str) -> SlcaError:
-    from .archives import MissingData
+class HubUnavailable(SlcaError):
+    """The mirror cannot be fetched now (offline, no network) and is not in the hub cache: the caller adds this
+    to the loader's own message, which names the official files to place."""
 
-    return MissingData(f"{mirror.dataset}: {root} does not hold it and {why}; put {manual} there, or run `slca "
-                       f"datasets prepare {mirror.dataset}` on a machine that is online (it fetches {mirror.where}: "
-                       f"{', '.join(mirror.all_files())})")
+
+def unavailable(mirror: Mirror, why: str) -> HubUnavailable:
+    return HubUnavailable(f"{why}, so `slca datasets prepare {mirror.dataset}` cannot fetch its copy ({mirror.where}: "
+                          f"{', '.join(mirror.all_files())}); run it on a machine that is online")
 
 
 def download_shards(mirror: Mirror, root: Path, manual: str, show_progress: bool, echo) -> Dict[str, Path]:
@@ -116,9 +118,9 @@ def download_shards(mirror: Mirror, root: Path, manual: str, show_progress: bool
     if not missing:
         return {f: p for f, p in shards.items() if p is not None}
     if offline():
-        raise unavailable(mirror, root, "downloads are off (SLCA_OFFLINE or HF_HUB_OFFLINE is set)", manual)
+        raise unavailable(mirror, "downloads are off (SLCA_OFFLINE or HF_HUB_OFFLINE is set)")
     if not reachable(endpoint()):
-        raise unavailable(mirror, root, f"the hub ({endpoint()}) is not reachable", manual)
+        raise unavailable(mirror, f"the hub ({endpoint()}) is not reachable")
     echo(f"downloading {mirror.dataset} from {mirror.where} ({len(missing)} of {len(shards)} files, "
          f"{mirror.size or 'size unknown'}; into the hub cache, $HF_HOME, default ~/.cache/huggingface)")
     from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
@@ -149,23 +151,35 @@ def _parquet():
     return pq
 
 
-def class_names_of(mirror: Mirror, shard: Path) -> List[str]:
-    """The label column's class names, from the schema metadata that the `datasets` library writes."""
+def hf_features(shard: Path) -> dict:
+    """The `datasets` library's feature description stored in a parquet file's schema ({} when absent)."""
     pq = _parquet()
-    schema = pq.read_schema(shard)
-    meta = (schema.metadata or {}).get(b"huggingface")
-    features = {}
-    if meta:
-        try:
-            info = json.loads(meta)
-            features = info.get("info", {}).get("features", {}) or info.get("features", {})
-        except ValueError:
-            features = {}
-    names = (features.get(mirror.label_column) or {}).get("names")
-    if not names:
-        raise SlcaError(f"{mirror.where}: {shard.name} does not name the classes of its '{mirror.label_column}' "
-                        f"column; the mirror changed: report it, or put the official files in the data folder")
-    return [str(n) for n in names]
+    meta = (pq.read_schema(shard).metadata or {}).get(b"huggingface")
+    try:
+        info = json.loads(meta) if meta else {}
+    except ValueError:
+        return {}
+    return info.get("info", {}).get("features", {}) or info.get("features", {}) or {}
+
+
+def columns_of(mirror: Mirror, shard: Path) -> Tuple[str, str, List[str]]:
+    """(image column, label column, class names): the mirror's named columns, else the one Image and the one
+    ClassLabel feature the schema declares (a renamed column is still found); the names come from the schema."""
+    features = hf_features(shard)
+
+    def only(kind: str, preferred: str) -> Optional[str]:
+        if preferred in features:
+            return preferred
+        found = [name for name, f in features.items() if isinstance(f, dict) and f.get("_type") == kind]
+        return found[0] if len(found) == 1 else None
+    image, label = only("Image", mirror.image_column), only("ClassLabel", mirror.label_column)
+    names = (features.get(label) or {}).get("names") if label else None
+    if not image or not names:
+        raise SlcaError(f"{mirror.where}: {shard.name} does not declare {'an image column' if not image else ''}"
+                        f"{' and ' if not image and not names else ''}{'named classes' if not names else ''} "
+                        f"(features: {', '.join(features) or 'none'}); the mirror changed: report it, or put the "
+                        f"official files in the data folder")
+    return image, label, [str(n) for n in names]
 
 
 def split_counts(mirror: Mirror, shards: Dict[str, Path]) -> Dict[str, int]:
@@ -184,18 +198,18 @@ def check_counts(mirror: Mirror, num_classes: int, counts: Dict[str, int]) -> No
                         f"{train:,} / {test:,}; refusing it (put the official files in the data folder instead)")
 
 
-def read_rows(mirror: Mirror, shards: Dict[str, Path]) -> Iterator[Row]:
+def read_rows(mirror: Mirror, shards: Dict[str, Path], columns: Tuple[str, str]) -> Iterator[Row]:
     """The mirror's rows, train shards then test shards, in stored order, a batch at a time."""
     pq = _parquet()
     for split in ("train", "test"):
         index = 0
         for filename in mirror.files[split]:
             reader = pq.ParquetFile(shards[filename])
-            missing = [c for c in (mirror.image_column, mirror.label_column) if c not in reader.schema_arrow.names]
+            missing = [c for c in columns if c not in reader.schema_arrow.names]
             if missing:
                 raise SlcaError(f"{mirror.where}: {filename} has no column {', '.join(missing)} (columns: "
                                 f"{', '.join(reader.schema_arrow.names)}); the mirror changed: report it")
-            for batch in reader.iter_batches(batch_size=64, columns=[mirror.image_column, mirror.label_column]):
+            for batch in reader.iter_batches(batch_size=64, columns=list(columns)):
                 images = batch.column(0).to_pylist()
                 labels = batch.column(1).to_pylist()
                 for image, label in zip(images, labels):
@@ -231,8 +245,12 @@ def fetch_from_mirror(mirror: Mirror, root: Path, folder_name: str, write: Layou
     official layout through a partial folder renamed only once everything checked out."""
     from ..progress import progress
 
+    target = root / folder_name
+    if target.exists():  # the loader found no complete copy there: never overwrite what the user put there
+        raise SlcaError(f"{target} exists but is not a complete {mirror.dataset} copy; move it away (or complete it) "
+                        f"and run `slca datasets prepare {mirror.dataset}` again")
     shards = download_shards(mirror, root, manual, show_progress, echo)
-    names = class_names_of(mirror, shards[mirror.files["train"][0]])
+    image_column, label_column, names = columns_of(mirror, shards[mirror.files["train"][0]])
     check_counts(mirror, len(names), split_counts(mirror, shards))
     target = root / folder_name
     partial = root / f".{folder_name}.partial-{os.getpid()}"
@@ -250,7 +268,7 @@ def fetch_from_mirror(mirror: Mirror, root: Path, folder_name: str, write: Layou
                 yield row
                 bar.update(1)
         try:
-            entries = write(partial, names, counted(read_rows(mirror, shards)))
+            entries = write(partial, names, counted(read_rows(mirror, shards, (image_column, label_column))))
         finally:
             bar.close()
         checksum = list_checksum(entries)
@@ -264,9 +282,12 @@ def fetch_from_mirror(mirror: Mirror, root: Path, folder_name: str, write: Layou
                   "test": sum(1 for e in entries if e[0] == "test"), "list_sha256": checksum,
                   "list_sha256_checked": bool(mirror.list_sha256)}
         (partial / RECORD_FILE).write_text(json.dumps(record, indent=1) + "\n")
-        if target.exists():
-            shutil.rmtree(target)
-        partial.rename(target)
+        try:
+            partial.rename(target)
+        except OSError:
+            if not (target / RECORD_FILE).is_file():  # not another prepare of the same mirror finishing first
+                raise
+            shutil.rmtree(partial, ignore_errors=True)
     except OSError as exc:
         shutil.rmtree(partial, ignore_errors=True)
         raise SlcaError(f"cannot write {mirror.dataset} into {root} ({exc.strerror or exc}); free some space or pass "
