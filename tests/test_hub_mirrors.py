@@ -188,6 +188,8 @@ def test_cub200_fetched_checked_and_laid_out_in_the_official_layout(hub, tmp_pat
 def test_a_mirror_with_another_split_or_list_is_refused(hub, tmp_path, cli, monkeypatch):
     mirror = use_mirror(monkeypatch, cub200)
     tiny_mirror(hub.folder, mirror, cub_names(), move_to_train=3)
+    stale = tmp_path / "data" / "cub200" / ".CUB_200_2011.partial-999999999"   # left by a killed prepare
+    stale.mkdir(parents=True)
     code, _, err = cli("datasets", "prepare", "cub200", "--no-progress")
     assert_one_line_error(code, err, "bentrevett/caltech-ucsd-birds-200-2011", "not the official cub200 split",
                           "203 train / 197 test", "200 / 200")

@@ -239,6 +239,23 @@ def list_checksum(entries: Sequence[Tuple[str, str, str]]) -> str:
     return digest.hexdigest()
 
 
+def remove_stale_partials(root: Path, folder_name: str) -> None:
+    """Partial layouts left by a process that was killed (its id no longer runs): each holds a dataset's size."""
+    for partial in root.glob(f".{folder_name}.partial-*"):
+        pid = partial.name.rsplit("-", 1)[-1]
+        if not pid.isdigit():
+            continue
+        try:
+            if int(pid) != os.getpid():
+                os.kill(int(pid), 0)
+                continue  # another prepare is writing it now
+        except ProcessLookupError:
+            pass
+        except OSError:  # exists, but not ours to signal
+            continue
+        shutil.rmtree(partial, ignore_errors=True)
+
+
 def fetch_from_mirror(mirror: Mirror, root: Path, folder_name: str, write: LayoutWriter, manual: str,
                       show_progress: bool, echo) -> Path:
     """Download ``mirror`` (resuming), check it is the official split, and write ``root/folder_name`` in the
@@ -252,11 +269,10 @@ def fetch_from_mirror(mirror: Mirror, root: Path, folder_name: str, write: Layou
     shards = download_shards(mirror, root, manual, show_progress, echo)
     image_column, label_column, names = columns_of(mirror, shards[mirror.files["train"][0]])
     check_counts(mirror, len(names), split_counts(mirror, shards))
-    target = root / folder_name
     partial = root / f".{folder_name}.partial-{os.getpid()}"
     try:
         root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(partial, ignore_errors=True)
+        remove_stale_partials(root, folder_name)
         total = sum(mirror.expected[1:])
         bar = progress(f"laying out {mirror.dataset}", total, "image", enabled=show_progress)
 
