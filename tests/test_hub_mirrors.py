@@ -15,7 +15,7 @@ import pytest
 from slca_cli.data import cars196, cub200, load_dataset
 from slca_cli.data.cars196 import class_key
 from slca_cli.data.class_names import CARS196, CUB200
-from slca_cli.data.hub_mirror import RECORD_FILE, list_checksum, name_key
+from slca_cli.data.hub_mirror import RECORD_FILE, list_checksum, name_key, safe_file_name
 
 from conftest import assert_one_line_error
 from fake_datasets import image_bytes
@@ -141,6 +141,11 @@ def cars_names():
 
 def official_cub(label):
     return f"{label + 1:03d}.{CUB200[label]}"
+
+
+def test_a_mirror_file_name_never_leaves_its_class_folder():
+    assert [safe_file_name(p) for p in ("../../x.jpg", "a\\b.jpg", "..", ".hidden", "a\nb.jpg", None)] == \
+        ["x.jpg", "b.jpg", None, None, None, None]
 
 
 def test_the_official_names_are_distinct_under_loose_comparison():

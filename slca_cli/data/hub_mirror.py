@@ -241,8 +241,17 @@ def read_rows(mirror: Mirror, shards: Dict[str, Path], columns: Tuple[str, str])
                     if not data or label is None:
                         raise SlcaError(f"{mirror.where}: row {index} of {split} has no image bytes or no label; "
                                         f"the mirror is damaged: delete it from the hub cache and prepare again")
-                    yield Row(split, index, bytes(data), int(label), os.path.basename(path) if path else None)
+                    yield Row(split, index, bytes(data), int(label), safe_file_name(path))
                     index += 1
+
+
+def safe_file_name(path: Optional[str]) -> Optional[str]:
+    """The original file name a row kept, if it can be written as it is inside a class folder (no folders, not
+    hidden, no control characters); else None and the image is numbered."""
+    name = os.path.basename((path or "").replace("\\", "/"))
+    if not name or name.startswith(".") or any(ord(c) < 32 for c in name):
+        return None
+    return name
 
 
 def image_suffix(data: bytes) -> str:
