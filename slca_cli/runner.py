@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import csv
 import io
-import platform
 import random
 import resource
 import sys
@@ -16,23 +15,22 @@ import torch
 
 from .backbones import get_backbone
 
-from . import __version__
 from .alignment import align_classifier
 from .checkpoint import atomic_write_json, atomic_write_text, complete_tasks, rng_state, save_task, set_rng_state
-from .checkpoint import sha256_file
 from .closed_form import shrink_class_covariances
 from .data import DatasetSplits
 from .data.loaders import PassLoaders, resolve_device_augment
 from .drift import compensate, drift_features, drift_loaders, estimate_drift
 from .distributed import check_batch_split, sum_across_processes
 from .errors import SlcaError
-from .learner import default_workers, evaluate, feature_batches, fit_task
+from .learner import evaluate, feature_batches, fit_task
 from .methods import get_method
 from .methods.base import ClassifierInputs
 from .metrics import summarize
 from .midtask import EpochCheckpoints, refuse_leftover
 from .model import ContinualModel
 from .presets import RunConfig
+from .records import RunIdentity, run_header
 from .protocol import class_order, class_remap
 from .restore import ResumePoint, build_model, find_resume_point, restore_model
 from .signals import uninterruptible
@@ -61,14 +59,11 @@ def run_seed(cfg: RunConfig, seed: int, run_dir: Path, accelerator, data: Datase
     model.to(device)
     check_batch_split(cfg.batch_size, accelerator.num_processes)
     cfg = cfg.replace(device_augment=resolve_device_augment(cfg.device_augment, data, device, cfg.image_size, log))
-    header = {"seed": seed, "config": cfg.to_dict(), "class_order": order,
-              "class_names": [data.class_names[c] for c in order], "task_sizes": list(cfg.task_sizes),
-              "data_fingerprint": data.fingerprint(), "versions": library_versions()}
-    if cfg.weights:
-        header["weights_sha256"] = sha256_file(Path(cfg.weights))
+    run = RunIdentity(seed, order, data.fingerprint(), cfg)
+    header = run_header(run, data.class_names)
     if point.last is not None:
-        check_same_data(point.last[0].raw, header, point.last[0].task_dir)
-    epoch_checkpoints = EpochCheckpoints(run_dir, cfg.checkpoint_every, header, log, accelerator.is_main_process)
+        run.check_continues(point.last[0].raw, point.last[0].task_dir)
+    epoch_checkpoints = EpochCheckpoints(run_dir, cfg.checkpoint_every, run, log, accelerator.is_main_process)
     if resume:
         epoch_checkpoints.adopt(point.start_task)
     if accelerator.is_main_process:
@@ -78,10 +73,7 @@ def run_seed(cfg: RunConfig, seed: int, run_dir: Path, accelerator, data: Datase
     if data.skipped:
         log(f"--skip-bad-images: left out {len(data.skipped)} unreadable image(s), listed in "
             f"{run_dir / 'skipped-images.json'}")
-    loaders = PassLoaders(data, class_remap(order), batch_size=cfg.batch_size, image_size=cfg.image_size,
-                          mean=cfg.mean, std=cfg.std, device=device, workers=default_workers(cfg.workers, data),
-                          on_device=cfg.device_augment, rank=accelerator.process_index,
-                          world=accelerator.num_processes)
+    loaders = PassLoaders.for_run(data, order, cfg, accelerator)
     events = RunTrackers(run_dir, accelerator, cfg.to_dict(), seed)  # events/ and the --log-with trackers
     record = metrics_record(cfg, seed, point)
     for task in range(point.start_task, cfg.num_tasks):
@@ -261,26 +253,6 @@ def write_metrics(run_dir: Path, record: Dict[str, Any]) -> None:
                          f"{record['new_accuracy'][t]:.4f}", f"{record['seconds'][t]:.2f}",
                          f"{record['peak_memory_mb'][t]:.1f}"])
     atomic_write_text(run_dir / "metrics.csv", out.getvalue())
-
-
-def check_same_data(state: Dict[str, Any], header: Dict[str, Any], last_task: Path) -> None:
-    """--resume continues only with the seed, class order and data files the finished tasks were trained on."""
-    if state.get("seed") != header["seed"] or state["class_order"] != header["class_order"]:
-        raise SlcaError(f"--resume: {last_task} was trained with another seed or class order; the seed folders of "
-                        f"{last_task.parent.parent} were rearranged")
-    if state["data_fingerprint"] != header["data_fingerprint"]:
-        raise SlcaError(f"--resume: the data differs from the data {last_task} was trained on (file list checksum); "
-                        f"point --data-root at the same files, or start a new run with another --out")
-
-
-def library_versions() -> Dict[str, str]:
-    import accelerate
-    import safetensors
-    import timm
-    import torchvision
-    return {"slca": __version__, "python": platform.python_version(), "torch": torch.__version__,
-            "torchvision": torchvision.__version__, "timm": timm.__version__, "accelerate": accelerate.__version__,
-            "safetensors": safetensors.__version__, "numpy": np.__version__, "platform": platform.platform()}
 
 
 def seed_everything(seed: int) -> None:
