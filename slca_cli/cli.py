@@ -326,6 +326,30 @@ def predict_command(
         raise typer.Exit(1)
 
 
+@app.command("export")
+@user_errors
+def export_command(
+    checkpoint: Path = typer.Argument(..., help="A task-NN/ folder of a run, or a seed-*/ folder (its last task)."),
+    out: Path = typer.Option(..., help="Folder for the export (created; its files are replaced)."),
+    fmt: str = typer.Option("safetensors", "--format", help="safetensors (a timm model: model.safetensors + "
+                                                              "model.json) or onnx (needs slca[onnx])."),
+    threads: Optional[int] = threads_option(),
+):
+    """Export a finished task's model for use without slca: one classifier over every seen class, classes.json,
+    preprocessing.json; loads with torch and timm alone (README, "Export"), or as ONNX."""
+    from .export import export_checkpoint
+    from .predict import resolve_task_dir
+    from .threads import set_threads
+
+    set_threads(threads)
+    task_dir = resolve_task_dir(checkpoint)
+    record = export_checkpoint(task_dir, out, fmt)
+    typer.echo(f"exported {task_dir} (after task {record['task']}, {record['classes']} classes) as {fmt}; logits "
+               f"equal slca's within {record['max_logit_difference']:.1e}")
+    for path in record["files"]:
+        typer.echo(f"  {path}")
+
+
 @app.command("demo")
 @user_errors
 def demo_command(

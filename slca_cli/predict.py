@@ -2,7 +2,6 @@
 that introduced each class, through the run's own test transform, precision and scoring path (as `slca eval`)."""
 from __future__ import annotations
 
-import bisect
 import csv
 import io
 import json
@@ -22,6 +21,7 @@ from .data.loaders import DeviceNormalize
 from .data.transforms import build_test_transform
 from .errors import SlcaError
 from .model import ContinualModel
+from .protocol import task_of_class
 
 LIST_SUFFIXES = (".txt", ".lst")
 FORMATS = ("table", "csv", "json", "jsonl")
@@ -58,12 +58,6 @@ def class_names(state: TaskState) -> List[str]:
     if not (isinstance(names, list) and len(names) == len(order) and all(isinstance(n, str) for n in names)):
         names = [f"class {c}" for c in order]
     return list(names)
-
-
-def introducing_task(position: int, task_sizes: Sequence[int]) -> int:
-    """1-based task whose head holds class-order ``position``."""
-    bounds = [sum(task_sizes[: t + 1]) for t in range(len(task_sizes))]
-    return bisect.bisect_right(bounds, position) + 1
 
 
 def collect_inputs(inputs: Iterable[Path]) -> List[Path]:
@@ -171,15 +165,15 @@ def predict_images(task_dir: Path, inputs: Sequence[Path], *, top_k: int = 5, de
                         pin_memory=accelerator.device.type == "cuda")
     loader.finish_batch = finish
     names = class_names(state)
-    sizes = state.seen_sizes
-    k = min(top_k, sum(sizes))
+    tasks = (task_of_class(state.seen_sizes) + 1).tolist()  # 1-based task that introduced each output
+    k = min(top_k, len(tasks))
     results: List[Prediction] = [Prediction(str(p)) for p in inputs]
     for features, labels in feature_batches(model, loader, accelerator, "predict", show_progress):
         probabilities, positions = class_probabilities(model, features).topk(k, dim=1)
         for index, probs, tops in zip(labels.tolist(), probabilities.cpu().tolist(), positions.cpu().tolist()):
             if index < 0:
                 continue
-            results[index].top = [(names[p], prob, introducing_task(p, sizes)) for prob, p in zip(probs, tops)]
+            results[index].top = [(names[p], prob, tasks[p]) for prob, p in zip(probs, tops)]
     for result, path in zip(results, inputs):
         if not result.top:
             try:

@@ -93,9 +93,10 @@ DIGIT_RUN = ["--dataset", "folder", "--backbone", "vit-tiny-test", "--device", "
 @pytest.fixture(scope="session")
 def digit_folders(tmp_path_factory):
     """Digits 0-7 and, as a batch arriving later, 8-9, as train/<digit>/*.png and test/<digit>/*.png folders."""
-    from digit_images import write_digit_folders
+    from slca_cli.data.digits import write_digit_folders
     root = tmp_path_factory.mktemp("digits")
-    return write_digit_folders(root / "digits-0-7", range(8)), write_digit_folders(root / "digits-8-9", (8, 9))
+    return (write_digit_folders(root / "digits-0-7", range(8), 8, 4),
+            write_digit_folders(root / "digits-8-9", (8, 9), 8, 4))
 
 
 @pytest.fixture(scope="session")
