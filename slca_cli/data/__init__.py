@@ -79,6 +79,18 @@ DATASETS: Dict[str, DatasetInfo] = {
 }
 
 
+# The transforms each dataset's adapter gives its splits (transforms.build_transforms), known without its data:
+# `slca predict` and `slca export` preprocess new images as the run's test images were.
+TRANSFORM_STYLES = {"synthetic": "tensor", "cifar100": "cifar", "imagenet-r": "crop", "cub200": "fine-grained",
+                    "cars196": "fine-grained", "digits": "digits", "folder": "crop"}
+
+
+def dataset_transform_style(name: str) -> str:
+    if name not in TRANSFORM_STYLES:
+        raise SlcaError(f"unknown dataset '{name}' in the run's config; it was written by another version of slca")
+    return TRANSFORM_STYLES[name]
+
+
 def default_data_root(name: str) -> Path:
     """$SLCA_DATA_ROOT/<name>, else ~/.cache/slca/data/<name>."""
     return data_home() / name
