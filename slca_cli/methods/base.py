@@ -29,9 +29,12 @@ class Method:
     - ``start_task``: per-task state (which E-prompt trains, LoRA initialization).
     - ``recipe``: which parameters train at what lr, optimizer, schedule, loss.
     - ``alignment`` / ``after_alignment``: how classifier alignment runs, and what follows it.
+    - ``after_stage1``: change the model after stage 1, before anything reads its features (CoFiMA merges the
+      backbone with the previous task's; APER switches to its two-branch features).
     - ``trains`` / ``fit_classifier``: methods whose classifier is computed, not trained (simplecil, ranpac) skip
-      stage 1 and set the heads from the class statistics or a feature pass; the tensors they return are kept in
-      each task's stats.safetensors (``method.*``) and handed back next task (also after ``--resume``).
+      stage 1 and set the heads from the class statistics or a feature pass.
+    The tensors ``after_stage1`` and ``fit_classifier`` return are kept in each task's stats.safetensors
+    (``method.*``) and handed back next task (also after ``--resume``); by default they pass on what they got.
     """
 
     def __init__(self, spec: MethodSpec):
@@ -71,14 +74,19 @@ class Method:
     def after_alignment(self, model: nn.Module, task_sizes: List[int], cfg: RunConfig) -> None:
         pass
 
+    def after_stage1(self, model: nn.Module, task: int, cfg: RunConfig, inputs: "Stage1Inputs"
+                     ) -> Dict[str, torch.Tensor]:
+        """After stage 1 of a task that trains, before the class statistics; returns the state to keep."""
+        return inputs.state
+
     def trains(self, task: int, cfg: RunConfig) -> bool:
         """Whether stage 1 (``learner.fit_task``) runs in this task."""
         return True
 
     def fit_classifier(self, model: nn.Module, task: int, cfg: RunConfig, inputs: "ClassifierInputs"
                        ) -> Dict[str, torch.Tensor]:
-        """Set heads after the class statistics of ``task``; returns the state to store (default: none)."""
-        return {}
+        """Set heads after the class statistics of ``task``; returns the state to store (default: what it got)."""
+        return inputs.state
 
 
 @dataclass
@@ -93,6 +101,20 @@ class ClassifierInputs:
     offset: int
     state: Dict[str, torch.Tensor] = field(default_factory=dict)
     log: Callable[[str], None] = print
+
+
+@dataclass
+class Stage1Inputs:
+    """What ``Method.after_stage1`` may use: the task's training images under the train transform with fixed draws
+    (``train_views()``: the same images, crops and order under any number of processes), the accelerator, the
+    first label of the task, the state kept from the last task, the run's log and whether to show progress."""
+
+    train_views: Callable[[], Any]
+    accelerator: Any
+    offset: int
+    state: Dict[str, torch.Tensor] = field(default_factory=dict)
+    log: Callable[[str], None] = print
+    show_progress: bool = False
 
 
 def recipe_from_config(groups, cfg: RunConfig, **changes) -> TrainingRecipe:
