@@ -27,7 +27,9 @@ TIMM_EQUIVALENTS: Dict[str, Tuple[str, Dict[str, Any]]] = {
 # Methods whose model is more than backbone + linear classifier.
 NOT_PLAIN = {"l2p": "its prompts are chosen per image by a query pass of the ViT",
              "dualprompt": "its prompts are chosen per image by a query pass of the ViT",
-             "ranpac": "its heads read a random projection of the features"}
+             "ranpac": "its heads read a random projection of the features",
+             "coda-prompt": "its prompts are weighted per image by a query pass of the ViT",
+             "aper": "its features concatenate two backbones"}
 # Largest |logit difference| accepted between the exported model and slca's, in float32.
 TOLERANCE = 1e-4
 
