@@ -224,9 +224,9 @@ def train(
 @user_errors
 def methods_command():
     """List the methods: what each trains, whether it aligns the classifier, which backbones it needs."""
-    from .methods import CATALOG
+    from .methods import METHODS
 
-    for spec in CATALOG:
+    for spec in METHODS.values():
         needs = "; needs a ViT backbone" if spec.needs_vit else ""
         aligns = "classifier alignment" if spec.aligns else "no alignment (--align adds it)"
         typer.echo(f"{spec.name} ({spec.label})\n    {spec.description}\n    {aligns}{needs}")
