@@ -63,9 +63,9 @@ def run_header(run: RunIdentity, class_names: List[str]) -> Dict[str, Any]:
     return header
 
 
-def write_run_records(run_dir: Path, run: RunIdentity, data) -> None:
-    """config.json and the dataset's own records (e.g. ImageNet-R's split, images left out)."""
-    atomic_write_json(run_dir / "config.json", run_header(run, data.class_names))
+def write_run_records(run_dir: Path, header: Dict[str, Any], data) -> None:
+    """config.json (``run_header``) and the dataset's own records (e.g. ImageNet-R's split, images left out)."""
+    atomic_write_json(run_dir / "config.json", header)
     for name, content in data.records.items():
         atomic_write_json(run_dir / name, content)
 
@@ -82,7 +82,7 @@ def library_versions() -> Dict[str, str]:
 
 
 def save_finished_task(run_dir: Path, task: int, cfg: RunConfig, model: ContinualModel, stage1_heads, means,
-                       chol, new_classes: List[int], run: RunIdentity, record: Dict[str, Any],
+                       chol, new_classes: List[int], header: Dict[str, Any], record: Dict[str, Any],
                        point: ResumePoint, drift: Optional[torch.Tensor] = None) -> None:
     """``task-NN/``: weights (aligned and stage-1 heads), the new classes' statistics (as measured; ``drift``, the
     map this task applied to the earlier ones, is stored beside them) and the state to resume."""
@@ -93,12 +93,13 @@ def save_finished_task(run_dir: Path, task: int, cfg: RunConfig, model: Continua
                      **{f"method.{k}": v for k, v in point.method_state.items()}}
     if drift is not None:
         stats_tensors["drift"] = drift
-    state = {"format": "slca-task", "version": 1, "task": task, "seed": run.seed, "config": cfg.to_dict(),
-             "class_order": list(run.class_order), "task_sizes": list(cfg.task_sizes), "counts": point.counts,
+    state = {"format": "slca-task", "version": 1, "task": task, "seed": header["seed"], "config": cfg.to_dict(),
+             "class_order": header["class_order"], "class_names": header["class_names"],
+             "task_sizes": list(cfg.task_sizes), "counts": point.counts,
              "metrics": {k: record[k] for k in ("accuracy_matrix", "task_accuracy", "last_acc", "inc_acc",
                                                "forgetting")},
              "seconds": point.seconds, "peak_memory_mb": point.memory, "train_loss": point.train_loss,
-             "rng": rng_state(), "data_fingerprint": run.data_fingerprint}
+             "rng": rng_state(), "data_fingerprint": header["data_fingerprint"]}
     save_task(run_dir, task, model_tensors, stats_tensors, state)
 
 

@@ -24,8 +24,8 @@ from .model import ContinualModel
 from .presets import RunConfig
 from .progress import alignment_progress, progress
 from .protocol import class_order
-from .records import (RunIdentity, log_task_scalars, metrics_record, peak_memory_mb, save_finished_task, task_line,
-                      write_metrics, write_run_records)
+from .records import (RunIdentity, log_task_scalars, metrics_record, peak_memory_mb, run_header, save_finished_task,
+                      task_line, write_metrics, write_run_records)
 from .restore import ResumePoint, find_resume_point, fresh_start, starting_model
 from .signals import uninterruptible
 from .stages import mark
@@ -47,6 +47,7 @@ class Seed:
     model: ContinualModel
     loaders: PassLoaders
     point: ResumePoint
+    header: Dict[str, Any]  # config.json: the identity, the settings, the class names in order, the versions
     epoch_checkpoints: EpochCheckpoints
     events: RunTrackers
     log: Log
@@ -109,13 +110,14 @@ def start_seed(cfg: RunConfig, seed: int, run_dir: Path, accelerator, data: Data
     epoch_checkpoints = EpochCheckpoints(run_dir, cfg.checkpoint_every, run, log, accelerator.is_main_process)
     if resume:
         epoch_checkpoints.adopt(point.start_task)
+    header = run_header(run, data.class_names)
     if accelerator.is_main_process:
-        write_run_records(run_dir, run, data)
+        write_run_records(run_dir, header, data)
     if data.skipped:
         log(f"--skip-bad-images: left out {len(data.skipped)} unreadable image(s), listed in "
             f"{run_dir / 'skipped-images.json'}")
     return Seed(cfg, run, run_dir, accelerator, get_method(cfg.method), model,
-                PassLoaders.for_run(data, run.class_order, cfg, accelerator), point, epoch_checkpoints,
+                PassLoaders.for_run(data, run.class_order, cfg, accelerator), point, header, epoch_checkpoints,
                 RunTrackers(run_dir, accelerator, cfg.to_dict(), seed),  # events/ and the --log-with trackers
                 log, show_progress)
 
@@ -208,7 +210,7 @@ def save(s: Seed, task: Task, record: Dict[str, Any], stage1_heads, means, chol,
     if s.accelerator.is_main_process:
         with uninterruptible():  # a stop signal waits until the task folder and metrics are written
             save_finished_task(s.run_dir, task.index, s.cfg, s.model, stage1_heads, means, chol, task.classes,
-                               s.run, record, s.point, drift)
+                               s.header, record, s.point, drift)
             mark("metrics", task=task.index + 1)
             write_metrics(s.run_dir, record)
             log_task_scalars(s.events, s.cfg, task.index, record, losses, align_losses)
