@@ -2,17 +2,18 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import os
 import statistics
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 import typer
 
 from .errors import SlcaError
-from .presets import CHOICES
+from .presets import DATA, RUN, SPEED
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
                   help="Continual learning on pre-trained vision models with SLCA (Slow Learner with Classifier "
@@ -46,6 +47,19 @@ def no_progress_option():
     return typer.Option(False, "--no-progress", hidden=True, help="Same as --progress off.")
 
 
+def device_option(panel: Optional[str] = None):
+    return typer.Option("auto", help="auto, cpu or cuda.", rich_help_panel=panel)
+
+
+def json_option():
+    return typer.Option(False, "--json", help="Print the result as JSON.")
+
+
+def stored_data_root_option():
+    """--data-root of the commands that read a finished run (its own data root is recorded)."""
+    return typer.Option(None, help="Where the dataset lives, if not where it was trained.")
+
+
 def user_errors(fn):
     """Bad input ends in one line on stderr and exit code 2, never a traceback."""
     @functools.wraps(fn)
@@ -58,10 +72,31 @@ def user_errors(fn):
     return wrapper
 
 
-DATA, BACKBONE, STAGE1, ALIGNMENT, METHOD, RUN, SPEED = (
-    "Data", "Backbone", "Stage 1 (slow learner)", "Alignment", "Method-specific", "Run and resume", "Speed")
-# train's options that are not RunConfig fields but go to resolve_run with them: how the classes are split.
+# train's options that are not RunConfig settings (those are declared once, with their help, in presets.RunConfig):
+# how the classes are split (passed to resolve_run with the settings), where the run goes and how the command runs.
 SPLIT_FLAGS = ("tasks", "init_classes", "increment", "num_classes")
+TRAIN_OPTIONS = (
+    ("tasks", Optional[int], typer.Option(None, help="Number of tasks.", rich_help_panel=DATA)),
+    ("init_classes", Optional[int], typer.Option(None, help="Classes in the first task.", rich_help_panel=DATA)),
+    ("increment", Optional[int], typer.Option(None, help="Classes per later task (the last takes the rest).",
+                                              rich_help_panel=DATA)),
+    ("out", Optional[Path], typer.Option(None, help="Run folder; default runs/<dataset>-<backbone>-<method>.",
+                                         rich_help_panel=RUN)),
+    ("seed", List[int], typer.Option([1993], help="Seed; repeat for several runs (paper: 1993, 1996, 1997).",
+                                     rich_help_panel=RUN)),
+    ("resume", bool, typer.Option(False, "--resume", help="Continue after the last complete task-NN/ folder.",
+                                  rich_help_panel=RUN)),
+    ("log_with", List[str], typer.Option([], help="Also log to this tracker (repeatable): wandb, mlflow, aim, "
+                                         "comet_ml, clearml, dvclive, tensorboard (events/, always written), or all. "
+                                         "Each is a pip extra: slca[wandb], ...", rich_help_panel=RUN)),
+    ("progress", str, progress_option(RUN)),
+    ("no_progress", bool, no_progress_option()),
+    ("device", str, device_option(SPEED)),
+    ("threads", Optional[int], threads_option(SPEED)),
+    ("accelerate_config", Optional[str], typer.Option(None, help="Run under `accelerate launch` with this config file "
+                                                      "(default: accelerate's default config when it asks for several "
+                                                      "processes; 'none' to ignore it).", rich_help_panel=SPEED)),
+)
 TRAIN_EXAMPLES = """Examples: the paper's SLCA on Split CIFAR-100; the slow learner alone on ImageNet-R with
 iBOT, seed 1996; a smoke run on a CPU.
 
@@ -72,144 +107,61 @@ slca train --dataset imagenet-r --backbone ibot --method sl --seed 1996
 slca train --dataset synthetic --backbone vit-tiny-test --device cpu"""
 
 
-def _option(panel: str, help: str, *names: str, default=None):
-    """A train option in its --help panel; None means "the preset" (see RunConfig)."""
-    return typer.Option(default, *names, help=help, rich_help_panel=panel)
+def train_signature() -> inspect.Signature:
+    """`slca train`'s parameters: an option per RunConfig field declared with ``presets.option`` (its panel, help
+    and flag names; None on the command line means "the preset") and TRAIN_OPTIONS, panel by panel."""
+    import dataclasses
+    import typing
+
+    from .presets import PANELS, RunConfig
+    hints = typing.get_type_hints(RunConfig)
+    by_panel: Dict[str, List[inspect.Parameter]] = {panel: [] for panel in PANELS}
+    for f in dataclasses.fields(RunConfig):
+        if "panel" not in f.metadata:
+            continue
+        meta, kind = f.metadata, hints[f.name]
+        annotation = kind if meta["cli_default"] is not None or type(None) in typing.get_args(kind) else \
+            Optional[kind]
+        default = typer.Option(meta["cli_default"], *meta["flags"], help=meta["help"], rich_help_panel=meta["panel"])
+        by_panel[meta["panel"]].append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default,
+                                                         annotation=annotation))
+    for name, annotation, default in TRAIN_OPTIONS:
+        panel = default.rich_help_panel or RUN
+        by_panel[panel].append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default,
+                                                 annotation=annotation))
+    context = inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context)
+    return inspect.Signature([context] + [p for panel in PANELS for p in by_panel[panel]])
 
 
-def _methods_help() -> str:
-    from .methods import method_names
-    return f"{', '.join(method_names())} (`slca methods` describes each)."
-
-
-@app.command(epilog=TRAIN_EXAMPLES)
 @user_errors
-def train(
-    ctx: typer.Context,
-    dataset: str = _option(DATA, "Dataset name (see `slca datasets`).", default=...),
-    data_root: Optional[str] = _option(DATA, "Where the dataset lives (see `slca datasets`)."),
-    tasks: Optional[int] = _option(DATA, "Number of tasks."),
-    init_classes: Optional[int] = _option(DATA, "Classes in the first task."),
-    increment: Optional[int] = _option(DATA, "Classes per later task (the last takes the rest)."),
-    num_classes: Optional[int] = _option(DATA, "Classes to generate (synthetic only)."),
-    train_per_class: Optional[int] = _option(DATA, "Use at most this many training images per class."),
-    test_per_class: Optional[int] = _option(DATA, "Use at most this many test images per class."),
-    image_size: Optional[int] = _option(DATA, "Input size in pixels (default: the backbone's)."),
-    skip_bad_images: Optional[bool] = _option(DATA, "Decode every image first and leave unreadable ones out "
-                                                    "(listed in skipped-images.json) instead of stopping.",
-                                              "--skip-bad-images/--stop-on-bad-images"),
-    backbone: str = _option(BACKBONE, "Backbone name or alias (see `slca backbones`).", default=...),
-    weights: Optional[str] = _option(BACKBONE, "Local backbone weights (.safetensors, .npz, .pth) instead of the "
-                                               "hub."),
-    fresh_norm: Optional[bool] = _option(BACKBONE, "Authors' quirk: a fresh final LayerNorm (default: on for ViTs, "
-                                                   "off without one).", "--fresh-norm/--keep-norm"),
-    freeze_bn: Optional[bool] = _option(BACKBONE, "BatchNorm backbones: keep the pre-trained running statistics "
-                                                  "(default) or update them.", "--freeze-bn/--update-bn"),
-    method: str = _option(METHOD, _methods_help(), default="slca"),
-    epochs: Optional[int] = _option(STAGE1, "Epochs per task."),
-    lr_drop_epoch: Optional[int] = _option(STAGE1, "Epoch after which the learning rate drops 10x."),
-    batch_size: Optional[int] = _option(STAGE1, "Batch size for training and testing."),
-    lr_backbone: Optional[float] = _option(STAGE1, "Backbone learning rate (the slow learner)."),
-    lr_head: Optional[float] = _option(STAGE1, "Classifier learning rate."),
-    weight_decay: Optional[float] = _option(STAGE1, "Weight decay (also used by alignment)."),
-    optimizer: Optional[str] = _option(STAGE1, f"{' or '.join(CHOICES['optimizer'])}."),
-    schedule: Optional[str] = _option(STAGE1, f"Per task: {', '.join(CHOICES['schedule'])}."),
-    min_lr: Optional[float] = _option(STAGE1, "Final lr of the cosine schedule."),
-    grad_clip: Optional[float] = _option(STAGE1, "Clip the gradient norm at this value."),
-    align: Optional[bool] = _option(ALIGNMENT, "Classifier alignment after every task (any method).",
-                                    "--align/--no-align"),
-    ca_epochs: Optional[int] = _option(ALIGNMENT, "Alignment epochs."),
-    ca_samples: Optional[int] = _option(ALIGNMENT, "Gaussian samples per class per epoch."),
-    tau: Optional[float] = _option(ALIGNMENT, "Logit-normalization temperature."),
-    logit_norm: Optional[bool] = _option(ALIGNMENT, "Logit normalization.", "--logit-norm/--no-logit-norm"),
-    mean_scaling: Optional[str] = _option(ALIGNMENT, "Shrinking of old class means before sampling: task (true "
-                                                     "task of each class), authors (their c // task_size) or off."),
-    restore_stage1_heads: Optional[bool] = _option(
-        ALIGNMENT, "Authors' quirk: the next task starts from the unaligned heads.",
-        "--restore-stage1-heads/--keep-aligned-heads"),
-    covariance: Optional[str] = _option(ALIGNMENT, "Class covariances: ridge (the paper's + 1e-4 I) or shrinkage "
-                                                   "(OAS, from the accumulated sums)."),
-    align_mode: Optional[str] = _option(ALIGNMENT, "sampled (the paper's Gaussian samples) or closed-form (LDA heads "
-                                                   "from the stored means and covariances, no sampling)."),
-    drift_compensation: Optional[str] = _option(ALIGNMENT, "off (the paper) or linear: move the old classes' stored "
-                                                           "Gaussians by a drift map fitted on each task's images "
-                                                           "before and after stage 1."),
-    drift_views: Optional[int] = _option(ALIGNMENT, "Drift fit: augmented views of the task's images (plus one "
-                                                    "unaugmented pass)."),
-    drift_ridge: Optional[float] = _option(ALIGNMENT, "Drift fit: ridge, relative to the features' mean "
-                                                      "eigenvalue."),
-    sce_a: Optional[float] = _option(METHOD, "Symmetric CE: weight of cross-entropy."),
-    sce_b: Optional[float] = _option(METHOD, "Symmetric CE: weight of reverse cross-entropy (0 = plain CE)."),
-    lora_rank: Optional[int] = _option(METHOD, "slca++: LoRA rank on each block's qkv, fc1, fc2."),
-    lora_scale: Optional[float] = _option(METHOD, "slca++: LoRA scale."),
-    lr_lora: Optional[float] = _option(METHOD, "slca++: LoRA learning rate after the first task."),
-    lr_lora_first: Optional[float] = _option(METHOD, "slca++: LoRA learning rate in the first task."),
-    sample_shrink: Optional[float] = _option(METHOD, "slca++: mean s of the old-class sample shrinking "
-                                                     "1/(1 + s (T - t)) in alignment (0 = off)."),
-    prompt_pool: Optional[int] = _option(METHOD, "l2p/dualprompt: prompts (and keys) in the pool."),
-    prompt_length: Optional[int] = _option(METHOD, "l2p: tokens per prompt; dualprompt: E-prompt length."),
-    prompt_top_k: Optional[int] = _option(METHOD, "l2p: prompts chosen per image."),
-    g_prompt_length: Optional[int] = _option(METHOD, "dualprompt: G-prompt length."),
-    matching_weight: Optional[float] = _option(METHOD, "l2p/dualprompt: weight of the key-query matching loss."),
-    ranpac_dim: Optional[int] = _option(METHOD, "ranpac: random projection size M (the M x M Gram matrix is 4 M^2 "
-                                                "bytes; default 10000: 381 MiB)."),
-    ranpac_adapt: Optional[bool] = _option(METHOD, "ranpac: adapt the backbone on the first task (slow-learner "
-                                                   "rates) before freezing it (default: off, training-free).",
-                                           "--ranpac-adapt/--no-ranpac-adapt"),
-    out: Optional[Path] = _option(RUN, "Run folder; default runs/<dataset>-<backbone>-<method>."),
-    seed: List[int] = _option(RUN, "Seed; repeat for several runs (paper: 1993, 1996, 1997).", default=[1993]),
-    resume: bool = _option(RUN, "Continue after the last complete task-NN/ folder.", "--resume", default=False),
-    checkpoint_every: Optional[int] = _option(RUN, "Also save the task being trained every N epochs (in-progress/),"
-                                                   " so --resume continues mid-task. 0: off."),
-    log_with: List[str] = _option(RUN, "Also log to this tracker (repeatable): wandb, mlflow, aim, comet_ml, "
-                                       "clearml, dvclive, tensorboard (events/, always written), or all. Each is a "
-                                       "pip extra: slca[wandb], ...", default=[]),
-    progress: str = progress_option(RUN),
-    no_progress: bool = no_progress_option(),
-    device: str = _option(SPEED, "auto, cpu or cuda.", default="auto"),
-    threads: Optional[int] = threads_option(SPEED),
-    precision: Optional[str] = _option(SPEED, "auto (bf16 on GPUs that support it, else fp32; under accelerate "
-                                              "launch its config's), fp32, bf16, or fp16 (with loss scaling)."),
-    workers: Optional[int] = _option(SPEED, "Data-loader processes per training process (default: the machine's "
-                                            "cores shared among the processes)."),
-    compile: Optional[bool] = _option(SPEED, "torch.compile the backbone (faster steps on GPUs after a warm-up).",
-                                      "--compile/--no-compile"),
-    device_augment: Optional[bool] = _option(SPEED, "Training transforms as batched ops on the training device from "
-                                                    "uint8 images decoded once (CIFAR: in memory; JPEG datasets: a "
-                                                    "cache under $SLCA_DATA_ROOT/decoded) (default: on for image "
-                                                    "datasets on a GPU), or PIL on host loader workers.",
-                                             "--augment-on-device/--augment-on-host"),
-    accelerate_config: Optional[str] = _option(SPEED, "Run under `accelerate launch` with this config file "
-                                                      "(default: accelerate's default config when it asks for "
-                                                      "several processes; 'none' to ignore it)."),
-):
+def train(ctx: typer.Context, **options):
     """Train a class-incremental run: for each task fit, collect statistics, align, evaluate, save."""
     from .guard import guarded_seed, interrupt_message, stop_exit_code
     from .threads import set_threads
-    set_threads(threads)
+    set_threads(options["threads"])
     from .presets import SETTINGS
     from .resolve import resolve_run
     from .runner import run_seed
     from .speed import make_accelerator
     from .tracking import close_open_trackers, resolve_log_with
 
-    show_progress = progress_mode(progress, no_progress)
-    trackers = resolve_log_with(log_with)
+    show_progress = progress_mode(options["progress"], options["no_progress"])
+    trackers = resolve_log_with(options["log_with"])
     flags = {k: v for k, v in ctx.params.items() if k in SETTINGS or k in SPLIT_FLAGS}
-    cfg, data = resolve_run(dataset, backbone, method, flags)
-    out = out or Path("runs") / f"{cfg.dataset}-{cfg.backbone}-{cfg.method}"
-    accelerator = make_accelerator(device, cfg.precision, trackers, project_dir=str(out))
+    cfg, data = resolve_run(options["dataset"], options["backbone"], options["method"], flags)
+    out = options["out"] or Path("runs") / f"{cfg.dataset}-{cfg.backbone}-{cfg.method}"
+    accelerator = make_accelerator(options["device"], cfg.precision, trackers, project_dir=str(out))
     log = accelerator.print
     log(f"{cfg.dataset} ({cfg.num_classes} classes, tasks {list(cfg.task_sizes)}) | {cfg.backbone} | {cfg.method} "
         f"| {cfg.epochs} epochs, lr backbone {cfg.lr_backbone:g} head {cfg.lr_head:g} | "
         f"{accelerator.device} x{accelerator.num_processes} {accelerator.mixed_precision} | {out}")
     results = []
-    for s in dict.fromkeys(seed):
+    for s in dict.fromkeys(options["seed"]):
         run_dir = out / f"seed-{s}"
         try:
             with guarded_seed(run_dir, s, cfg.batch_size, log, accelerator.is_main_process,
                               accelerator.wait_for_everyone):
-                results.append(run_seed(cfg, s, run_dir, accelerator, data, resume=resume, log=log,
+                results.append(run_seed(cfg, s, run_dir, accelerator, data, resume=options["resume"], log=log,
                                         show_progress=show_progress))
         except KeyboardInterrupt as stop:  # SIGINT / SIGTERM: the checkpoint being written was finished first
             _err(interrupt_message(stop, s, run_dir, sys.argv[1:]))
@@ -220,13 +172,19 @@ def train(
         typer.echo(seed_table(results))
 
 
+
+
+train.__signature__ = train_signature()
+app.command(epilog=TRAIN_EXAMPLES)(train)
+
+
 @app.command("methods")
 @user_errors
 def methods_command():
     """List the methods: what each trains, whether it aligns the classifier, which backbones it needs."""
-    from .methods import CATALOG
+    from .methods import METHODS
 
-    for spec in CATALOG:
+    for spec in METHODS.values():
         needs = "; needs a ViT backbone" if spec.needs_vit else ""
         aligns = "classifier alignment" if spec.aligns else "no alignment (--align adds it)"
         typer.echo(f"{spec.name} ({spec.label})\n    {spec.description}\n    {aligns}{needs}")
@@ -249,11 +207,11 @@ def seed_table(results) -> str:
 @user_errors
 def eval_checkpoint(
     path: Path = typer.Argument(..., help="A task-NN/ folder of a run."),
-    data_root: Optional[str] = typer.Option(None, help="Where the dataset lives, if not where it was trained."),
-    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    data_root: Optional[str] = stored_data_root_option(),
+    device: str = device_option(),
     threads: Optional[int] = threads_option(),
     batch_size: Optional[int] = typer.Option(None, help="Evaluation batch size (does not change the result)."),
-    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    as_json: bool = json_option(),
     progress: str = progress_option(),
     no_progress: bool = no_progress_option(),
 ):
@@ -286,7 +244,7 @@ def predict_command(
     top_k: int = typer.Option(5, help="Classes per image, most probable first."),
     fmt: str = typer.Option("table", "--format", help="table, csv (one row per image and rank), json or jsonl."),
     out: Optional[Path] = typer.Option(None, help="Write the predictions to this file instead of stdout."),
-    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    device: str = device_option(),
     threads: Optional[int] = threads_option(),
     batch_size: Optional[int] = typer.Option(None, help="Images per batch (default: twice the run's; does not "
                                                         "change the result)."),
@@ -365,7 +323,7 @@ def demo_command(
                                                             "about 60)."),
     method: Optional[List[str]] = typer.Option(None, help="Methods to compare; repeat (default: seqft, sl, "
                                                           "slca; any of `slca methods`)."),
-    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    device: str = device_option(),
     threads: Optional[int] = threads_option(),
     progress: str = progress_option(),
     no_progress: bool = no_progress_option(),
@@ -416,11 +374,11 @@ def probe_command(
     joint: Optional[Path] = typer.Option(None, help="A finished `--method joint` run to show beside the probe."),
     task: Optional[int] = typer.Option(None, help="Probe after this task (default: the last finished one)."),
     classifier: str = typer.Option("logistic", help="logistic (softmax regression, L-BFGS) or ridge (closed form)."),
-    data_root: Optional[str] = typer.Option(None, help="Where the dataset lives, if not where it was trained."),
-    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    data_root: Optional[str] = stored_data_root_option(),
+    device: str = device_option(),
     threads: Optional[int] = threads_option(),
     batch_size: Optional[int] = typer.Option(None, help="Feature extraction batch size."),
-    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    as_json: bool = json_option(),
     progress: str = progress_option(),
     no_progress: bool = no_progress_option(),
 ):

@@ -9,7 +9,7 @@ The idea is that of learnable drift compensation (Gomez-Villa et al., ECCV 2024)
 """
 from __future__ import annotations
 
-from typing import Callable, List, Sequence, Tuple
+from typing import Callable, List, Sequence, Tuple, TypeVar
 
 import torch
 
@@ -64,3 +64,15 @@ def estimate_drift(before: List[torch.Tensor], after: List[torch.Tensor], ridge:
     if a.shape != b.shape:
         raise RuntimeError(f"drift passes differ in size before and after stage 1 ({a.shape} vs {b.shape})")
     return fit_linear_drift(a, b, ridge, reduce)
+
+
+Fitted = TypeVar("Fitted")
+
+
+def around_stage1(fit: Callable[[], Fitted], features: Callable[[], List[torch.Tensor]], ridge: float,
+                  reduce) -> Tuple[Fitted, torch.Tensor]:
+    """Stage 1 (``fit``) between two feature passes over the same images and views (``features``): what ``fit``
+    returns and the drift map (on the CPU) of the backbone over it."""
+    before = features()
+    fitted = fit()
+    return fitted, estimate_drift(before, features(), ridge, reduce).cpu()

@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import math
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import Iterator, List, Sequence, Tuple
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
+from .closed_form import shrink_class_covariances
 from .data.loaders import finish_batch
 from .distributed import process_loader, sum_across_processes
 from .errors import SlcaError
@@ -14,6 +15,7 @@ from .model import ContinualModel, freeze_batchnorm_statistics
 from .progress import iterate, progress
 from .recipe import TrainingRecipe
 from .stages import mark
+from .statistics import ClassStatistics, cholesky_factors
 
 # Steps between host syncs in stage 1: the loss stays on the device in between, so the GPU is never stalled.
 SYNC_EVERY = 25
@@ -133,3 +135,20 @@ def evaluate(model: ContinualModel, loader, accelerator, task_sizes: Sequence[in
     bounds = torch.cumsum(torch.tensor([0] + list(task_sizes)), 0).tolist()
     per_task = [(int(correct[a:b].sum()), int(total[a:b].sum())) for a, b in zip(bounds[:-1], bounds[1:])]
     return [c for c, _ in per_task], [n for _, n in per_task]
+
+
+def class_statistics(model: ContinualModel, loader, offset: int, num_classes: int, accelerator, cfg,
+                     show_progress: bool, task: int):
+    """Means and Cholesky factors of the new classes' features: test transform, eval mode, computed once. Each
+    process reads its own shard; the partial sums are all-reduced, so every process holds the same statistics.
+    Covariances: + ``cov_ridge`` I (the paper), or OAS-shrunk and then + ``cov_ridge`` I (``--covariance
+    shrinkage``)."""
+    accumulator = ClassStatistics(num_classes, model.feature_dim, device=accelerator.device)
+    for features, labels in feature_batches(model, loader, accelerator, f"task {task + 1} statistics",
+                                            show_progress):
+        accumulator.update(features, labels - offset)
+    accumulator.all_reduce(lambda t: sum_across_processes(t, accelerator))
+    means, covs = accumulator.finalize(cfg.cov_ridge if cfg.covariance == "ridge" else 0.0)
+    if cfg.covariance == "shrinkage":
+        covs = shrink_class_covariances(covs, accumulator.counts, cfg.cov_ridge)
+    return means, cholesky_factors(covs)  # once per class; the sampler reuses the factors in every later task

@@ -49,10 +49,31 @@ def check_choice(name: str, value: str) -> str:
     return value
 
 
+# The --help panels of `slca train`, in the order they are shown.
+DATA, BACKBONE, METHOD, STAGE1, ALIGNMENT, RUN, SPEED = (
+    "Data", "Backbone", "Method-specific", "Stage 1 (slow learner)", "Alignment", "Run and resume", "Speed")
+PANELS = (DATA, BACKBONE, METHOD, STAGE1, ALIGNMENT, RUN, SPEED)
+_REQUIRED = dataclasses.MISSING
+
+
+def option(panel: str, help: str, *flags: str, default: Any = _REQUIRED, execution: bool = False,
+           cli_default: Any = None) -> Any:
+    """A RunConfig field that is a `slca train` option: its --help panel and text, and its flag names where they
+    are not ``--field-name`` (switches: ``"--align/--no-align"``). On the command line it defaults to
+    ``cli_default`` (None: "the preset"); ``execution``: see ``execution``."""
+    metadata = {"panel": panel, "help": help, "flags": flags, "cli_default": cli_default, "execution": execution}
+    return field(metadata=metadata) if default is _REQUIRED else field(default=default, metadata=metadata)
+
+
 def execution(default: Any = None) -> Any:
     """A RunConfig field that says how or where a run executes, not what it computes: outside the run's identity
     (a --resume may change it; the report groups across it)."""
     return field(default=default, metadata={"execution": True})
+
+
+def _methods_help() -> str:
+    from .methods.catalog import method_names
+    return f"{', '.join(method_names())} (`slca methods` describes each)."
 
 
 @dataclass(frozen=True)
@@ -63,68 +84,95 @@ class RunConfig:
     some of them (resolve_config). Method settings: CONTRIBUTING.md, "Methods".
     """
 
-    dataset: str
-    backbone: str
-    method: str
-    num_classes: int
-    task_sizes: Tuple[int, ...]
-    epochs: int = 20
-    lr_drop_epoch: Optional[int] = 18
-    batch_size: int = 128
-    lr_backbone: float = 1e-4
-    lr_head: float = 1e-2
+    dataset: str = option(DATA, "Dataset name (see `slca datasets`).", cli_default=...)
+    backbone: str = option(BACKBONE, "Backbone name or alias (see `slca backbones`).", cli_default=...)
+    method: str = option(METHOD, _methods_help(), cli_default="slca")
+    num_classes: int = option(DATA, "Classes to generate (synthetic only).")
+    task_sizes: Tuple[int, ...]  # from --tasks, --init-classes, --increment (cli.SPLIT_FLAGS)
+    epochs: int = option(STAGE1, "Epochs per task.", default=20)
+    lr_drop_epoch: Optional[int] = option(STAGE1, "Epoch after which the learning rate drops 10x.", default=18)
+    batch_size: int = option(STAGE1, "Batch size for training and testing.", default=128)
+    lr_backbone: float = option(STAGE1, "Backbone learning rate (the slow learner).", default=1e-4)
+    lr_head: float = option(STAGE1, "Classifier learning rate.", default=1e-2)
     momentum: float = 0.9
-    weight_decay: float = 5e-4
-    align: bool = False
-    ca_epochs: int = 5
-    ca_samples: int = 256
+    weight_decay: float = option(STAGE1, "Weight decay (also used by alignment).", default=5e-4)
+    align: bool = option(ALIGNMENT, "Classifier alignment after every task (any method).", "--align/--no-align",
+                         default=False)
+    ca_epochs: int = option(ALIGNMENT, "Alignment epochs.", default=5)
+    ca_samples: int = option(ALIGNMENT, "Gaussian samples per class per epoch.", default=256)
     ca_lr: float = 0.01
     ca_batch_size: int = 256
-    tau: float = 0.1
-    logit_norm: bool = True
-    mean_scaling: str = "task"
-    fresh_norm: bool = True
-    restore_stage1_heads: bool = True
+    tau: float = option(ALIGNMENT, "Logit-normalization temperature.", default=0.1)
+    logit_norm: bool = option(ALIGNMENT, "Logit normalization.", "--logit-norm/--no-logit-norm", default=True)
+    mean_scaling: str = option(ALIGNMENT, "Shrinking of old class means before sampling: task (true task of each "
+                               "class), authors (their c // task_size) or off.", default="task")
+    fresh_norm: bool = option(BACKBONE, "Authors' quirk: a fresh final LayerNorm (default: on for ViTs, off without "
+                              "one).", "--fresh-norm/--keep-norm", default=True)
+    restore_stage1_heads: bool = option(ALIGNMENT, "Authors' quirk: the next task starts from the unaligned heads.",
+                                        "--restore-stage1-heads/--keep-aligned-heads", default=True)
     cov_ridge: float = 1e-4
-    image_size: int = 224
+    image_size: int = option(DATA, "Input size in pixels (default: the backbone's).", default=224)
     mean: Tuple[float, float, float] = (0.5, 0.5, 0.5)
     std: Tuple[float, float, float] = (0.5, 0.5, 0.5)
-    train_per_class: Optional[int] = None
-    test_per_class: Optional[int] = None
-    freeze_bn: bool = True
-    optimizer: str = "sgd"
-    schedule: str = "step"
-    min_lr: float = 0.0
-    grad_clip: Optional[float] = None
-    sce_a: float = 1.0
-    sce_b: float = 0.0
-    lora_rank: int = 0
-    lora_scale: float = 0.8
-    lr_lora: Optional[float] = None
-    lr_lora_first: Optional[float] = None
-    sample_shrink: float = 0.0
-    prompt_pool: int = 10
-    prompt_length: int = 5
-    prompt_top_k: int = 5
-    g_prompt_length: int = 5
-    matching_weight: float = 0.1
-    covariance: str = "ridge"  # class covariances: + cov_ridge I (paper) or OAS shrinkage (closed_form.py)
-    align_mode: str = "sampled"  # classifier alignment: Gaussian samples (paper) or LDA heads in closed form
-    drift_compensation: str = "off"  # move the stored Gaussians with the backbone's drift (drift.py)
-    drift_views: int = 8  # train-transform passes (besides the test-transform one) the drift is fitted on
-    drift_ridge: float = 1.0  # ridge of the drift fit, relative to the mean eigenvalue of the features' Gram
-    ranpac_dim: int = 10000
-    ranpac_adapt: bool = False
+    train_per_class: Optional[int] = option(DATA, "Use at most this many training images per class.", default=None)
+    test_per_class: Optional[int] = option(DATA, "Use at most this many test images per class.", default=None)
+    freeze_bn: bool = option(BACKBONE, "BatchNorm backbones: keep the pre-trained running statistics (default) or "
+                             "update them.", "--freeze-bn/--update-bn", default=True)
+    optimizer: str = option(STAGE1, f"{' or '.join(CHOICES['optimizer'])}.", default="sgd")
+    schedule: str = option(STAGE1, f"Per task: {', '.join(CHOICES['schedule'])}.", default="step")
+    min_lr: float = option(STAGE1, "Final lr of the cosine schedule.", default=0.0)
+    grad_clip: Optional[float] = option(STAGE1, "Clip the gradient norm at this value.", default=None)
+    sce_a: float = option(METHOD, "Symmetric CE: weight of cross-entropy.", default=1.0)
+    sce_b: float = option(METHOD, "Symmetric CE: weight of reverse cross-entropy (0 = plain CE).", default=0.0)
+    lora_rank: int = option(METHOD, "slca++: LoRA rank on each block's qkv, fc1, fc2.", default=0)
+    lora_scale: float = option(METHOD, "slca++: LoRA scale.", default=0.8)
+    lr_lora: Optional[float] = option(METHOD, "slca++: LoRA learning rate after the first task.", default=None)
+    lr_lora_first: Optional[float] = option(METHOD, "slca++: LoRA learning rate in the first task.", default=None)
+    sample_shrink: float = option(METHOD, "slca++: mean s of the old-class sample shrinking 1/(1 + s (T - t)) in "
+                                  "alignment (0 = off).", default=0.0)
+    prompt_pool: int = option(METHOD, "l2p/dualprompt: prompts (and keys) in the pool.", default=10)
+    prompt_length: int = option(METHOD, "l2p: tokens per prompt; dualprompt: E-prompt length.", default=5)
+    prompt_top_k: int = option(METHOD, "l2p: prompts chosen per image.", default=5)
+    g_prompt_length: int = option(METHOD, "dualprompt: G-prompt length.", default=5)
+    matching_weight: float = option(METHOD, "l2p/dualprompt: weight of the key-query matching loss.", default=0.1)
+    covariance: str = option(ALIGNMENT, "Class covariances: ridge (the paper's + 1e-4 I) or shrinkage (OAS, from the "
+                             "accumulated sums).", default="ridge")  # closed_form.py
+    align_mode: str = option(ALIGNMENT, "sampled (the paper's Gaussian samples) or closed-form (LDA heads from the "
+                             "stored means and covariances, no sampling).", default="sampled")
+    drift_compensation: str = option(ALIGNMENT, "off (the paper) or linear: move the old classes' stored Gaussians by "
+                                     "a drift map fitted on each task's images before and after stage 1.",
+                                     default="off")  # drift.py
+    drift_views: int = option(ALIGNMENT, "Drift fit: augmented views of the task's images (plus one unaugmented "
+                              "pass).", default=8)
+    drift_ridge: float = option(ALIGNMENT, "Drift fit: ridge, relative to the features' mean eigenvalue.",
+                                default=1.0)
+    ranpac_dim: int = option(METHOD, "ranpac: random projection size M (the M x M Gram matrix is 4 M^2 bytes; "
+                             "default 10000: 381 MiB).", default=10000)
+    ranpac_adapt: bool = option(METHOD, "ranpac: adapt the backbone on the first task (slow-learner rates) before "
+                                "freezing it (default: off, training-free).", "--ranpac-adapt/--no-ranpac-adapt",
+                                default=False)
     # Where the inputs are (the data's file-list checksum and the weights' sha256 are checked separately).
-    data_root: Optional[str] = execution()
-    weights: Optional[str] = execution()
+    data_root: Optional[str] = option(DATA, "Where the dataset lives (see `slca datasets`).", default=None,
+                                      execution=True)
+    weights: Optional[str] = option(BACKBONE, "Local backbone weights (.safetensors, .npz, .pth) instead of the hub.",
+                                    default=None, execution=True)
     # How the run executes: --resume may change these (e.g. --precision fp32 after a NaN).
-    precision: str = execution("auto")
-    workers: Optional[int] = execution()
-    compile: bool = execution(False)
-    device_augment: Optional[bool] = execution()  # None: on where the dataset supports it on a GPU
-    checkpoint_every: int = execution(0)
-    skip_bad_images: bool = execution(False)  # a skipped image changes the data checksum, which is checked
+    precision: str = option(SPEED, "auto (bf16 on GPUs that support it, else fp32; under accelerate launch its "
+                            "config's), fp32, bf16, or fp16 (with loss scaling).", default="auto", execution=True)
+    workers: Optional[int] = option(SPEED, "Data-loader processes per training process (default: the machine's cores "
+                                    "shared among the processes).", default=None, execution=True)
+    compile: bool = option(SPEED, "torch.compile the backbone (faster steps on GPUs after a warm-up).",
+                           "--compile/--no-compile", default=False, execution=True)
+    device_augment: Optional[bool] = option(
+        SPEED, "Training transforms as batched ops on the training device from uint8 images decoded once (CIFAR: in "
+        "memory; JPEG datasets: a cache under $SLCA_DATA_ROOT/decoded) (default: on for image datasets on a GPU), or "
+        "PIL on host loader workers.", "--augment-on-device/--augment-on-host", default=None,
+        execution=True)  # None: on where the dataset supports it on a GPU
+    checkpoint_every: int = option(RUN, "Also save the task being trained every N epochs (in-progress/), so --resume "
+                                   "continues mid-task. 0: off.", default=0, execution=True)
+    skip_bad_images: bool = option(DATA, "Decode every image first and leave unreadable ones out (listed in "
+                                   "skipped-images.json) instead of stopping.", "--skip-bad-images/--stop-on-bad-images",
+                                   default=False, execution=True)  # a skipped image changes the data checksum
     overridden: Tuple[str, ...] = execution(())  # the settings given as flags (the rest are presets)
 
     def to_dict(self) -> Dict[str, Any]:

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Optional
+from typing import Callable, List, Optional
 
 from .errors import SlcaError
+from .stages import mark
 
 MODES = ("auto", "bar", "lines", "off")
 _mode = "auto"
@@ -162,3 +163,13 @@ def _length(iterable) -> Optional[int]:
         return len(iterable)
     except TypeError:
         return None
+
+
+def alignment_progress(task: int, bar, losses: List[float]) -> Callable[[int, float], None]:
+    """The callback of one task's alignment: stage mark, loss record, progress bar with the epoch's loss."""
+    def on_epoch(epoch: int, loss: float) -> None:
+        mark("align", task=task + 1, epoch=epoch + 1)
+        losses.append(loss)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.3f}")
+    return on_epoch

@@ -1,13 +1,15 @@
-"""What a seed writes besides tensors: its identity, config.json's header, the task folders' state, metrics.json /
-metrics.csv, the library versions."""
+"""What a seed writes and records: its identity, config.json (with the library versions), each task folder, the
+metrics (metrics.json, metrics.csv, tracker scalars, the line printed per task)."""
 from __future__ import annotations
 
 import csv
 import io
 import platform
+import resource
+import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
 import torch
 
@@ -16,6 +18,11 @@ from .checkpoint import atomic_write_json, atomic_write_text, rng_state, save_ta
 from .errors import SlcaError
 from .metrics import summarize
 from .presets import RunConfig, identity
+
+if TYPE_CHECKING:  # annotations only: mid-task checkpoints import this module
+    from .model import ContinualModel
+    from .restore import ResumePoint
+    from .tracking import RunTrackers
 
 
 @dataclass(frozen=True)
@@ -56,6 +63,13 @@ def run_header(run: RunIdentity, class_names: List[str]) -> Dict[str, Any]:
     return header
 
 
+def write_run_records(run_dir: Path, header: Dict[str, Any], data) -> None:
+    """config.json (``run_header``) and the dataset's own records (e.g. ImageNet-R's split, images left out)."""
+    atomic_write_json(run_dir / "config.json", header)
+    for name, content in data.records.items():
+        atomic_write_json(run_dir / name, content)
+
+
 def library_versions() -> Dict[str, str]:
     import accelerate
     import numpy as np
@@ -65,3 +79,78 @@ def library_versions() -> Dict[str, str]:
     return {"slca": __version__, "python": platform.python_version(), "torch": torch.__version__,
             "torchvision": torchvision.__version__, "timm": timm.__version__, "accelerate": accelerate.__version__,
             "safetensors": safetensors.__version__, "numpy": np.__version__, "platform": platform.platform()}
+
+
+def save_finished_task(run_dir: Path, task: int, cfg: RunConfig, model: ContinualModel, stage1_heads, means,
+                       chol, new_classes: List[int], header: Dict[str, Any], record: Dict[str, Any],
+                       point: ResumePoint, drift: Optional[torch.Tensor] = None) -> None:
+    """``task-NN/``: weights (aligned and stage-1 heads), the new classes' statistics (as measured; ``drift``, the
+    map this task applied to the earlier ones, is stored beside them) and the state to resume."""
+    model_tensors = dict(model.state_dict())
+    model_tensors.update({f"stage1_heads.{k}": v for k, v in stage1_heads.items()})
+    # The covariance is chol @ chol.T; storing only the factor halves the file (D x D per class).
+    stats_tensors = {"means": means, "chol": chol, "classes": torch.tensor(new_classes, dtype=torch.long),
+                     **{f"method.{k}": v for k, v in point.method_state.items()}}
+    if drift is not None:
+        stats_tensors["drift"] = drift
+    state = {"format": "slca-task", "version": 1, "task": task, "seed": header["seed"], "config": cfg.to_dict(),
+             "class_order": header["class_order"], "class_names": header["class_names"],
+             "task_sizes": list(cfg.task_sizes), "counts": point.counts,
+             "metrics": {k: record[k] for k in ("accuracy_matrix", "task_accuracy", "last_acc", "inc_acc",
+                                               "forgetting")},
+             "seconds": point.seconds, "peak_memory_mb": point.memory, "train_loss": point.train_loss,
+             "rng": rng_state(), "data_fingerprint": header["data_fingerprint"]}
+    save_task(run_dir, task, model_tensors, stats_tensors, state)
+
+
+def task_line(seed: int, task: int, cfg: RunConfig, record: Dict[str, Any]) -> str:
+    old = record["old_accuracy"][task]
+    new = record["new_accuracy"][task]
+    split = f"old {old:.2f} / new {new:.2f}" if old is not None else f"new {new:.2f}"
+    return (f"seed {seed} task {task + 1}/{cfg.num_tasks}: {sum(cfg.task_sizes[:task + 1])} classes, "
+            f"accuracy {record['task_accuracy'][task]:.2f}% ({split}), {record['seconds'][task]:.1f} s")
+
+
+def log_task_scalars(events: RunTrackers, cfg: RunConfig, task: int, record: Dict[str, Any],
+                     losses: List[float], align_losses: List[float]) -> None:
+    """TensorBoard scalars of a finished task: losses by global epoch, accuracies, time and memory by task."""
+    events.add_series("loss/train", ((task * cfg.epochs + e + 1, v) for e, v in enumerate(losses)))
+    events.add_series("loss/alignment", ((task * cfg.ca_epochs + e + 1, v) for e, v in enumerate(align_losses)))
+    scalars = {"accuracy/seen_classes": record["task_accuracy"][task], "accuracy/new": record["new_accuracy"][task],
+               "task/seconds": record["seconds"][task], "task/peak_memory_mb": record["peak_memory_mb"][task]}
+    if record["old_accuracy"][task] is not None:
+        scalars["accuracy/old"] = record["old_accuracy"][task]
+    events.add(task + 1, scalars)
+
+
+def metrics_record(cfg: RunConfig, seed: int, point: ResumePoint) -> Dict[str, Any]:
+    """metrics.json's content after the finished tasks (``train_loss``: each task's mean training loss per
+    epoch, the first thing to look at when a method learns nothing)."""
+    return {"dataset": cfg.dataset, "backbone": cfg.backbone, "method": cfg.method, "seed": seed,
+            "task_sizes": list(cfg.task_sizes), "tasks_done": len(point.counts),
+            **summarize(point.counts, cfg.num_tasks), "seconds": point.seconds, "peak_memory_mb": point.memory,
+            "train_loss": point.train_loss, "counts": point.counts}
+
+
+def write_metrics(run_dir: Path, record: Dict[str, Any]) -> None:
+    """metrics.json (everything) and metrics.csv (one row per finished task), both atomic."""
+    atomic_write_json(run_dir / "metrics.json", record)
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(["task", "classes_seen", "accuracy", "old_accuracy", "new_accuracy", "seconds",
+                     "peak_memory_mb"])
+    seen = 0
+    for t, acc in enumerate(record["task_accuracy"]):
+        seen += record["task_sizes"][t]
+        old = record["old_accuracy"][t]
+        writer.writerow([t + 1, seen, f"{acc:.4f}", "" if old is None else f"{old:.4f}",
+                         f"{record['new_accuracy'][t]:.4f}", f"{record['seconds'][t]:.2f}",
+                         f"{record['peak_memory_mb'][t]:.1f}"])
+    atomic_write_text(run_dir / "metrics.csv", out.getvalue())
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is bytes on macOS, KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20

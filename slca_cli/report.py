@@ -14,33 +14,9 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 
 from .errors import SlcaError
 from .methods import METHODS
+from .methods.catalog import Published
 from .presets import identity
 
-# Spec section 7: ViT-B/16 IN21K, 10 tasks, mean of 3 seeds. (Last-Acc, Inc-Acc or None); * = from a figure.
-PAPER_RESULTS: Dict[Tuple[str, str], Tuple[float, Optional[float], bool]] = {
-    ("cifar100", "Seq FT"): (41.77, None, False), ("imagenet-r", "Seq FT"): (26.95, None, False),
-    ("cub200", "Seq FT"): (40.02, None, False), ("cars196", "Seq FT"): (27.57, None, False),
-    ("cifar100", "SL"): (88.86, None, False), ("imagenet-r", "SL"): (71.80, None, False),
-    ("cub200", "SL"): (61.67, None, True), ("cars196", "SL"): (52.91, None, True),
-    ("cifar100", "SLCA"): (91.53, 94.09, False), ("imagenet-r", "SLCA"): (77.00, 81.17, False),
-    ("cub200", "SLCA"): (84.71, 90.94, False), ("cars196", "SLCA"): (67.73, 76.93, False),
-    ("cifar100", "L2P"): (82.76, None, False), ("imagenet-r", "L2P"): (66.49, None, False),
-    ("cub200", "L2P"): (62.21, None, False), ("cars196", "L2P"): (38.18, None, False),
-    ("cifar100", "DualPrompt"): (85.56, None, False), ("imagenet-r", "DualPrompt"): (68.50, None, False),
-    ("cub200", "DualPrompt"): (66.00, None, False), ("cars196", "DualPrompt"): (40.14, None, False),
-    ("cifar100", "Joint"): (93.22, None, False), ("imagenet-r", "Joint"): (79.60, None, False),
-    ("cub200", "Joint"): (88.00, None, False), ("cars196", "Joint"): (80.31, None, False),
-    # RanPAC paper (McDonnell et al., NeurIPS 2023), Tables 1-2, final accuracy as the authors publish it in
-    # RanPAC/RanPAC paper_tables/Table_data_main_<dataset>.csv: "Algorithm 1" (with phase-1 adaptation) is our
-    # `ranpac --ranpac-adapt`, "No Phase 1" our default `ranpac`, "NCM only" (frozen ViT, class-mean prototypes)
-    # SimpleCIL's classifier.
-    ("cifar100", "RanPAC (adapted)"): (92.2, None, False), ("imagenet-r", "RanPAC (adapted)"): (77.9, None, False),
-    ("cub200", "RanPAC (adapted)"): (90.3, None, False), ("cars196", "RanPAC (adapted)"): (77.5, None, False),
-    ("cifar100", "RanPAC"): (89.0, None, False), ("imagenet-r", "RanPAC"): (71.8, None, False),
-    ("cub200", "RanPAC"): (88.7, None, False), ("cars196", "RanPAC"): (66.0, None, False),
-    ("cifar100", "SimpleCIL"): (83.4, None, False), ("imagenet-r", "SimpleCIL"): (61.2, None, False),
-    ("cub200", "SimpleCIL"): (85.1, None, False), ("cars196", "SimpleCIL"): (37.7, None, False),
-}
 PAPER_NOTE = ("published numbers (ViT-B/16 IN21K, 10 tasks, mean of 3 seeds; * read from a figure in the "
               "authors' repository); RanPAC and SimpleCIL rows: the RanPAC paper (McDonnell et al., NeurIPS 2023, "
               "Tables 1-2, one seed, M = 10000; RanPAC (adapted) = their Algorithm 1, RanPAC = 'No Phase 1', "
@@ -115,8 +91,10 @@ class Group:
         return [[None if matrices[0][i][j] is None else statistics.mean(m[i][j] for m in matrices)
                  for j in range(len(matrices[0][i]))] for i in range(rows)]
 
-    def paper(self) -> Optional[Tuple[float, Optional[float], bool]]:
-        return PAPER_RESULTS.get((self.dataset, self.label))
+    def paper(self) -> Optional[Published]:
+        """The published numbers of this row (its method's catalog entry), if any."""
+        spec = METHODS.get(self.method)
+        return spec.published(self.dataset, self.label) if spec else None
 
 
 def method_label(config: Dict[str, Any]) -> str:
@@ -125,8 +103,9 @@ def method_label(config: Dict[str, Any]) -> str:
     spec = METHODS.get(method)
     label = spec.label if spec else method
     align, logit_norm = config.get("align"), config.get("logit_norm", True)
-    if method == "ranpac" and config.get("ranpac_adapt"):
-        label = f"{label} (adapted)"
+    variant = spec.variant_of(config) if spec else None
+    if variant is not None:
+        label += variant.suffix
     if spec is not None and spec.aligns:
         if not align:
             return f"{label} (no CA)"
@@ -237,8 +216,8 @@ def _paper_cells(group: Group) -> List[str]:
     paper = group.paper()
     if paper is None:
         return ["-", "-"]
-    last, inc, from_figure = paper
-    return [f"{last:.2f}{'*' if from_figure else ''}", "-" if inc is None else f"{inc:.2f}"]
+    return [f"{paper.last_acc:.2f}{'*' if paper.from_figure else ''}",
+            "-" if paper.inc_acc is None else f"{paper.inc_acc:.2f}"]
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -310,8 +289,8 @@ def group_record(group: Group) -> Dict[str, Any]:
         stat = group.last_split(key)
         record[f"{key}_last_task"] = None if stat is None else stat.to_dict()
     paper = group.paper()
-    record["paper"] = None if paper is None else {"last_acc": paper[0], "inc_acc": paper[1],
-                                                  "from_figure": paper[2]}
+    record["paper"] = None if paper is None else {"last_acc": paper.last_acc, "inc_acc": paper.inc_acc,
+                                                  "from_figure": paper.from_figure}
     return record
 
 
@@ -456,6 +435,6 @@ def results_csv(groups: Sequence[Group], paper: bool) -> str:
             row.append("" if stat is None else f"{stat.mean:.4f}")
         if paper:
             p = g.paper()
-            row += ["", ""] if p is None else [f"{p[0]:.2f}", "" if p[1] is None else f"{p[1]:.2f}"]
+            row += ["", ""] if p is None else [f"{p.last_acc:.2f}", "" if p.inc_acc is None else f"{p.inc_acc:.2f}"]
         writer.writerow(row)
     return buffer.getvalue()

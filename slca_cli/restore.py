@@ -9,12 +9,13 @@ import torch
 
 from .backbones import BackboneSpec, get_backbone
 
-from .checkpoint import (MODEL_FILE, STATS_FILE, TaskState, check_tensor_file, intact_tasks, load_tensors,
-                         read_state)
+from .checkpoint import (MODEL_FILE, STATS_FILE, TaskState, check_tensor_file, complete_tasks, intact_tasks,
+                         load_tensors, read_state, set_rng_state)
 from .data import DatasetSplits
 from .drift import compensate
 from .errors import SlcaError
 from .methods import get_method
+from .midtask import refuse_leftover
 from .model import ContinualModel, replace_final_norm
 from .presets import IDENTITY_FIELDS, RunConfig
 from .resolve import load_data_for
@@ -78,6 +79,11 @@ class ResumePoint:
     last: Optional[Tuple[TaskState, Tensors]] = None  # the last finished task's state and model tensors
     method_state: Tensors = field(default_factory=dict)  # what Method.fit_classifier returned after it
 
+    def apply_drift(self, drift: torch.Tensor) -> None:
+        """--drift-compensation: a task's drift map moves the Gaussians of every task before it (during the run and
+        again, from the stored map, on --resume)."""
+        self.means, self.chols = compensate(drift, self.means, self.chols)
+
 
 def check_same_experiment(stored: RunConfig, cfg: RunConfig, run_dir: Path) -> None:
     before, now = stored.to_dict(), cfg.to_dict()
@@ -95,7 +101,7 @@ def find_resume_point(run_dir: Path, cfg: RunConfig, log: Callable[[str], None])
     for state, tensors in intact_tasks(run_dir, warnings, load=(MODEL_FILE, STATS_FILE)):
         stats = tensors[STATS_FILE]
         if "drift" in stats:  # --drift-compensation: this task moved the earlier Gaussians
-            point.means, point.chols = compensate(stats["drift"], point.means, point.chols)
+            point.apply_drift(stats["drift"])
         point.means.append(stats["means"])
         point.chols.append(stats["chol"] if "chol" in stats else cholesky_factors(stats["covs"]))  # older: covs
         point.last = (state, tensors[MODEL_FILE])
@@ -111,6 +117,26 @@ def find_resume_point(run_dir: Path, cfg: RunConfig, log: Callable[[str], None])
     point.train_loss = state.train_loss
     log(f"resuming {run_dir} after {state.task_dir.name} ({point.start_task}/{cfg.num_tasks} tasks done)")
     return point
+
+
+def starting_model(cfg: RunConfig, seed: int, point: ResumePoint) -> ContinualModel:
+    """The model a run starts from: on --resume the last finished task's (without the pre-trained weights; its RNG
+    state restored too), else the pre-trained backbone."""
+    if point.last is None:
+        return build_model(cfg, get_backbone(cfg.backbone), pretrained=True, seed=seed)
+    model, _ = restore_model(point.last[0].task_dir, cfg=cfg, stage1_heads=cfg.restore_stage1_heads,
+                             opened=point.last)
+    set_rng_state(point.last[0].rng)
+    return model
+
+
+def fresh_start(run_dir: Path) -> ResumePoint:
+    """Without --resume the folder must hold no finished task (nothing is ever overwritten)."""
+    if complete_tasks(run_dir)[0] > 0 or (run_dir / "metrics.json").exists():
+        raise SlcaError(f"{run_dir} already holds finished tasks; pass --resume to continue it or choose "
+                        f"another --out")
+    refuse_leftover(run_dir)
+    return ResumePoint()
 
 
 def checkpoint_data(state: TaskState, data_root: Optional[str]) -> DatasetSplits:

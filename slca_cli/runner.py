@@ -1,258 +1,221 @@
-"""The task loop: for each task fit -> statistics -> align -> evaluate -> save; resume after the last saved task."""
+"""The task loop: for each task fit -> statistics -> classifier -> align -> evaluate -> save; resume after the last
+saved task."""
 from __future__ import annotations
 
-import csv
-import io
 import random
-import resource
-import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 
-from .backbones import get_backbone
-
 from .alignment import align_classifier
-from .checkpoint import atomic_write_json, atomic_write_text, complete_tasks, rng_state, save_task, set_rng_state
-from .closed_form import shrink_class_covariances
 from .data import DatasetSplits
 from .data.loaders import PassLoaders, resolve_device_augment
-from .drift import compensate, drift_features, drift_loaders, estimate_drift
+from .drift import around_stage1, drift_features, drift_loaders
 from .distributed import check_batch_split, sum_across_processes
-from .errors import SlcaError
-from .learner import evaluate, feature_batches, fit_task
+from .learner import class_statistics, evaluate, feature_batches, fit_task
 from .methods import get_method
-from .methods.base import ClassifierInputs
-from .metrics import summarize
-from .midtask import EpochCheckpoints, refuse_leftover
+from .methods.base import ClassifierInputs, Method
+from .midtask import EpochCheckpoints
 from .model import ContinualModel
 from .presets import RunConfig
-from .records import RunIdentity, run_header
-from .protocol import class_order, class_remap
-from .restore import ResumePoint, build_model, find_resume_point, restore_model
+from .progress import alignment_progress, progress
+from .protocol import class_order
+from .records import (RunIdentity, log_task_scalars, metrics_record, peak_memory_mb, run_header, save_finished_task,
+                      task_line, write_metrics, write_run_records)
+from .restore import ResumePoint, find_resume_point, fresh_start, starting_model
 from .signals import uninterruptible
 from .stages import mark
-from .statistics import ClassStatistics, cholesky_factors
 from .tracking import RunTrackers
 
 Log = Callable[[str], None]
+
+
+@dataclass
+class Seed:
+    """What every task of one seed shares: the settings, the model and its method, the loaders, the state handed
+    from task to task (``point``) and where the results go."""
+
+    cfg: RunConfig
+    run: RunIdentity
+    run_dir: Path
+    accelerator: Any
+    method: Method
+    model: ContinualModel
+    loaders: PassLoaders
+    point: ResumePoint
+    header: Dict[str, Any]  # config.json: the identity, the settings, the class names in order, the versions
+    epoch_checkpoints: EpochCheckpoints
+    events: RunTrackers
+    log: Log
+    show_progress: bool
+
+
+@dataclass
+class Task:
+    """One task of the protocol: its index, its RNG seed (drawn once from the run's), its classes."""
+
+    index: int
+    seed: int
+    offset: int
+    classes: List[int]  # the new classes (class-order positions)
+    seen_sizes: List[int]  # classes per task up to and including this one
 
 
 def run_seed(cfg: RunConfig, seed: int, run_dir: Path, accelerator, data: DatasetSplits, *, resume: bool,
              log: Log = print, show_progress: bool = True) -> Dict[str, Any]:
     """One seed of one experiment, task by task; returns the final metrics record. With ``cfg.checkpoint_every``
     N > 0 the task being trained is also saved every N epochs (midtask.py)."""
-    method = get_method(cfg.method)
-    order = class_order(data.num_classes, seed)
+    s = start_seed(cfg, seed, run_dir, accelerator, data, resume, log, show_progress)
+    cfg, point = s.cfg, s.point
+    record = metrics_record(cfg, seed, point)
+    for index in range(point.start_task, cfg.num_tasks):
+        started = time.perf_counter()
+        task = begin_task(s, index)
+        losses, drift = fit(s, task)
+        means, chol = statistics(s, task)
+        fit_classifier(s, task, means)
+        stage1_heads, align_losses = align(s, task)
+        evaluate_task(s, task)
+        point.seconds.append(time.perf_counter() - started)
+        point.memory.append(peak_memory_mb(s.accelerator.device))
+        point.train_loss.append([round(x, 6) for x in losses])
+        record = metrics_record(cfg, seed, point)
+        save(s, task, record, stage1_heads, means, chol, drift, losses, align_losses)
+        if cfg.restore_stage1_heads:
+            s.model.load_head_state(stage1_heads)
+        log(task_line(seed, index, cfg, record))
+    if point.start_task == cfg.num_tasks and accelerator.is_main_process:
+        write_metrics(run_dir, record)  # every task was already done: metrics.json may be a task behind
+    s.events.close()
+    return record
+
+
+def start_seed(cfg: RunConfig, seed: int, run_dir: Path, accelerator, data: DatasetSplits, resume: bool, log: Log,
+               show_progress: bool) -> Seed:
+    """The model (pre-trained, or the last finished task's on --resume), config.json, the loaders, the trackers."""
+    order = class_order(data.num_classes, seed)  # seeds NumPy's global RNG: before the checkpoint's RNG state
     run_dir.mkdir(parents=True, exist_ok=True)
     point = find_resume_point(run_dir, cfg, log) if resume else fresh_start(run_dir)
-    if point.last is not None:  # a resumed model comes from its checkpoint, without the pre-trained weights
-        model, _ = restore_model(point.last[0].task_dir, cfg=cfg, stage1_heads=cfg.restore_stage1_heads,
-                                 opened=point.last)
-        set_rng_state(point.last[0].rng)
-    else:
-        model = build_model(cfg, get_backbone(cfg.backbone), pretrained=True, seed=seed)
-    device = accelerator.device
-    model.to(device)
+    model = starting_model(cfg, seed, point).to(accelerator.device)
     check_batch_split(cfg.batch_size, accelerator.num_processes)
-    cfg = cfg.replace(device_augment=resolve_device_augment(cfg.device_augment, data, device, cfg.image_size, log))
+    cfg = cfg.replace(device_augment=resolve_device_augment(cfg.device_augment, data, accelerator.device,
+                                                            cfg.image_size, log))
     run = RunIdentity(seed, order, data.fingerprint(), cfg)
-    header = run_header(run, data.class_names)
     if point.last is not None:
         run.check_continues(point.last[0].raw, point.last[0].task_dir)
     epoch_checkpoints = EpochCheckpoints(run_dir, cfg.checkpoint_every, run, log, accelerator.is_main_process)
     if resume:
         epoch_checkpoints.adopt(point.start_task)
+    header = run_header(run, data.class_names)
     if accelerator.is_main_process:
-        atomic_write_json(run_dir / "config.json", header)
-        for name, content in data.records.items():  # e.g. ImageNet-R's split, images left out
-            atomic_write_json(run_dir / name, content)
+        write_run_records(run_dir, header, data)
     if data.skipped:
         log(f"--skip-bad-images: left out {len(data.skipped)} unreadable image(s), listed in "
             f"{run_dir / 'skipped-images.json'}")
-    loaders = PassLoaders.for_run(data, order, cfg, accelerator)
-    events = RunTrackers(run_dir, accelerator, cfg.to_dict(), seed)  # events/ and the --log-with trackers
-    record = metrics_record(cfg, seed, point)
-    for task in range(point.start_task, cfg.num_tasks):
-        started = time.perf_counter()
-        mark("task", task=task + 1)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        seed_everything(task_seed(seed, task))
-        offset = sum(cfg.task_sizes[:task])
-        new_classes = list(range(offset, offset + cfg.task_sizes[task]))
-        seen_sizes = list(cfg.task_sizes[: task + 1])
-        model.add_head(cfg.task_sizes[task])
-        method.start_task(model, task, cfg)
-
-        def drift_pass():  # fresh loaders each time: the same images, views and order before and after
-            return drift_features(model, drift_loaders(loaders, new_classes, cfg.drift_views, task_seed(seed, task)),
-                                  accelerator)
-        compensating = cfg.drift_compensation != "off" and task > 0 and method.trains(task, cfg)
-        before = drift_pass() if compensating else None
-        losses = fit_task(model, loaders.train(new_classes, task_seed(seed, task)), accelerator,
-                          method.recipe(model, task, cfg), task=task, label_offset=offset,
-                          show_progress=show_progress, epoch_checkpoints=epoch_checkpoints.for_task(task)) \
-            if method.trains(task, cfg) else []
-
-        drift = None
-        if before is not None:  # the old classes' Gaussians follow the backbone's drift in this task
-            drift = estimate_drift(before, drift_pass(), cfg.drift_ridge,
-                                   lambda t: sum_across_processes(t, accelerator)).cpu()
-            point.means, point.chols = compensate(drift, point.means, point.chols)
-        mark("statistics", task=task + 1)
-        task_means, task_chol = class_statistics(model, loaders.statistics(new_classes), offset, len(new_classes),
-                                                 accelerator, cfg, show_progress, task)
-        point.means.append(task_means.cpu())
-        point.chols.append(task_chol.cpu())
-        point.method_state = method.fit_classifier(model, task, cfg, ClassifierInputs(
-            task_means, lambda: feature_batches(model, loaders.statistics(new_classes), accelerator,
-                                                f"task {task + 1} classifier", show_progress),
-            accelerator, offset, point.method_state, log))
-
-        stage1_heads = model.head_state()
-        align_losses: List[float] = []
-        if cfg.align and task > 0 and cfg.ca_epochs > 0:
-            bar = _progress(cfg.ca_epochs, f"task {task + 1} alignment", show_progress and accelerator.is_main_process)
-            align_classifier(model.task_heads, torch.cat(point.means), torch.cat(point.chols), seen_sizes,
-                             method.alignment(seen_sizes, cfg),
-                             generator=torch.Generator(device=device).manual_seed(task_seed(seed, task)),
-                             progress=alignment_progress(task, bar, align_losses))
-            bar.close()
-            model.task_heads.requires_grad_(False)
-            method.after_alignment(model, seen_sizes, cfg)
-
-        mark("evaluate", task=task + 1)
-        correct, total = evaluate(model, loaders.test(list(range(offset + cfg.task_sizes[task]))), accelerator,
-                                  seen_sizes, show_progress, f"task {task + 1} evaluate")
-        point.counts.append({"correct": correct, "total": total})
-        point.seconds.append(time.perf_counter() - started)
-        point.memory.append(peak_memory_mb(device))
-        point.train_loss.append([round(x, 6) for x in losses])
-        record = metrics_record(cfg, seed, point)
-        if accelerator.is_main_process:
-            with uninterruptible():  # a stop signal waits until the task folder and metrics are written
-                save_finished_task(run_dir, task, cfg, model, stage1_heads, task_means, task_chol, new_classes,
-                                   header, record, point, drift)
-                mark("metrics", task=task + 1)
-                write_metrics(run_dir, record)
-                log_task_scalars(events, cfg, task, record, losses, align_losses)
-                epoch_checkpoints.discard()
-        accelerator.wait_for_everyone()
-        if cfg.restore_stage1_heads:
-            model.load_head_state(stage1_heads)
-        log(task_line(seed, task, cfg, record))
-    if point.start_task == cfg.num_tasks and accelerator.is_main_process:
-        write_metrics(run_dir, record)  # every task was already done: metrics.json may be a task behind
-    events.close()
-    return record
+    return Seed(cfg, run, run_dir, accelerator, get_method(cfg.method), model,
+                PassLoaders.for_run(data, run.class_order, cfg, accelerator), point, header, epoch_checkpoints,
+                RunTrackers(run_dir, accelerator, cfg.to_dict(), seed),  # events/ and the --log-with trackers
+                log, show_progress)
 
 
-def fresh_start(run_dir: Path) -> ResumePoint:
-    """Without --resume the folder must hold no finished task (nothing is ever overwritten)."""
-    if complete_tasks(run_dir)[0] > 0 or (run_dir / "metrics.json").exists():
-        raise SlcaError(f"{run_dir} already holds finished tasks; pass --resume to continue it or choose "
-                        f"another --out")
-    refuse_leftover(run_dir)
-    return ResumePoint()
+def begin_task(s: Seed, index: int) -> Task:
+    """Reseed every RNG from (seed, task), add the task's head, let the method prepare."""
+    cfg = s.cfg
+    mark("task", task=index + 1)
+    if s.accelerator.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(s.accelerator.device)
+    task = Task(index, task_seed(s.run.seed, index), sum(cfg.task_sizes[:index]),
+                list(range(sum(cfg.task_sizes[:index]), sum(cfg.task_sizes[:index + 1]))),
+                list(cfg.task_sizes[: index + 1]))
+    seed_everything(task.seed)
+    s.model.add_head(cfg.task_sizes[index])
+    s.method.start_task(s.model, index, cfg)
+    return task
 
 
-def class_statistics(model: ContinualModel, loader, offset: int, num_classes: int, accelerator, cfg: RunConfig,
-                     show_progress: bool, task: int):
-    """Means and Cholesky factors of the new classes' features: test transform, eval mode, computed once. Each
-    process reads its own shard; the partial sums are all-reduced, so every process holds the same statistics.
-    Covariances: + ``cov_ridge`` I (the paper), or OAS-shrunk and then + ``cov_ridge`` I (``--covariance
-    shrinkage``)."""
-    accumulator = ClassStatistics(num_classes, model.feature_dim, device=accelerator.device)
-    for features, labels in feature_batches(model, loader, accelerator, f"task {task + 1} statistics",
-                                            show_progress):
-        accumulator.update(features, labels - offset)
-    accumulator.all_reduce(lambda t: sum_across_processes(t, accelerator))
-    means, covs = accumulator.finalize(cfg.cov_ridge if cfg.covariance == "ridge" else 0.0)
-    if cfg.covariance == "shrinkage":
-        covs = shrink_class_covariances(covs, accumulator.counts, cfg.cov_ridge)
-    return means, cholesky_factors(covs)  # once per class; the sampler reuses the factors in every later task
+def fit(s: Seed, task: Task) -> Tuple[List[float], Optional[torch.Tensor]]:
+    """Stage 1 (methods whose classifier is computed skip it): its epoch losses and, with --drift-compensation,
+    the backbone's drift over it, which moves the earlier tasks' Gaussians."""
+    cfg, model, accelerator = s.cfg, s.model, s.accelerator
+    if not s.method.trains(task.index, cfg):
+        return [], None
+
+    def train() -> List[float]:
+        return fit_task(model, s.loaders.train(task.classes, task.seed), accelerator,
+                        s.method.recipe(model, task.index, cfg), task=task.index, label_offset=task.offset,
+                        show_progress=s.show_progress, epoch_checkpoints=s.epoch_checkpoints.for_task(task.index))
+    if cfg.drift_compensation == "off" or task.index == 0:
+        return train(), None
+
+    def features() -> List[torch.Tensor]:  # fresh loaders each time: the same images, views and order
+        return drift_features(model, drift_loaders(s.loaders, task.classes, cfg.drift_views, task.seed), accelerator)
+    losses, drift = around_stage1(train, features, cfg.drift_ridge, lambda t: sum_across_processes(t, accelerator))
+    s.point.apply_drift(drift)
+    return losses, drift
 
 
-def alignment_progress(task: int, bar, losses: List[float]) -> Callable[[int, float], None]:
-    """The callback of one task's alignment: stage mark, loss record, progress bar with the epoch's loss."""
-    def on_epoch(epoch: int, loss: float) -> None:
-        mark("align", task=task + 1, epoch=epoch + 1)
-        losses.append(loss)
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss:.3f}")
-    return on_epoch
+def statistics(s: Seed, task: Task) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The new classes' Gaussians, kept (on the CPU) with the earlier tasks' for alignment."""
+    mark("statistics", task=task.index + 1)
+    means, chol = class_statistics(s.model, s.loaders.statistics(task.classes), task.offset, len(task.classes),
+                                   s.accelerator, s.cfg, s.show_progress, task.index)
+    s.point.means.append(means.cpu())
+    s.point.chols.append(chol.cpu())
+    return means, chol
 
 
-def save_finished_task(run_dir: Path, task: int, cfg: RunConfig, model: ContinualModel, stage1_heads, means,
-                       chol, new_classes: List[int], header: Dict[str, Any], record: Dict[str, Any],
-                       point: ResumePoint, drift: Optional[torch.Tensor] = None) -> None:
-    """``task-NN/``: weights (aligned and stage-1 heads), the new classes' statistics (as measured; ``drift``, the
-    map this task applied to the earlier ones, is stored beside them) and the state to resume."""
-    model_tensors = dict(model.state_dict())
-    model_tensors.update({f"stage1_heads.{k}": v for k, v in stage1_heads.items()})
-    # The covariance is chol @ chol.T; storing only the factor halves the file (D x D per class).
-    stats_tensors = {"means": means, "chol": chol, "classes": torch.tensor(new_classes, dtype=torch.long),
-                     **{f"method.{k}": v for k, v in point.method_state.items()}}
-    if drift is not None:
-        stats_tensors["drift"] = drift
-    state = {"format": "slca-task", "version": 1, "task": task, "seed": header["seed"], "config": cfg.to_dict(),
-             "class_order": header["class_order"], "class_names": header["class_names"],
-             "task_sizes": list(cfg.task_sizes), "counts": point.counts,
-             "metrics": {k: record[k] for k in ("accuracy_matrix", "task_accuracy", "last_acc", "inc_acc",
-                                               "forgetting")},
-             "seconds": point.seconds, "peak_memory_mb": point.memory, "train_loss": point.train_loss,
-             "rng": rng_state(), "data_fingerprint": header["data_fingerprint"]}
-    save_task(run_dir, task, model_tensors, stats_tensors, state)
+def fit_classifier(s: Seed, task: Task, task_means: torch.Tensor) -> None:
+    """Methods whose classifier is computed set the heads here; what they return is kept for the next task."""
+    model, accelerator = s.model, s.accelerator
+    batches = lambda: feature_batches(model, s.loaders.statistics(task.classes), accelerator,  # noqa: E731
+                                      f"task {task.index + 1} classifier", s.show_progress)
+    s.point.method_state = s.method.fit_classifier(model, task.index, s.cfg, ClassifierInputs(
+        task_means, batches, accelerator, task.offset, s.point.method_state, s.log))
 
 
-def task_line(seed: int, task: int, cfg: RunConfig, record: Dict[str, Any]) -> str:
-    old = record["old_accuracy"][task]
-    new = record["new_accuracy"][task]
-    split = f"old {old:.2f} / new {new:.2f}" if old is not None else f"new {new:.2f}"
-    return (f"seed {seed} task {task + 1}/{cfg.num_tasks}: {sum(cfg.task_sizes[:task + 1])} classes, "
-            f"accuracy {record['task_accuracy'][task]:.2f}% ({split}), {record['seconds'][task]:.1f} s")
+def align(s: Seed, task: Task) -> Tuple[Dict[str, torch.Tensor], List[float]]:
+    """Classifier alignment from the stored Gaussians of every seen class; the heads stage 1 left (to save and,
+    by default, to restore after evaluation) and the loss of each alignment epoch."""
+    cfg, model = s.cfg, s.model
+    stage1_heads = model.head_state()
+    losses: List[float] = []
+    if cfg.align and task.index > 0 and cfg.ca_epochs > 0:
+        bar = progress(f"task {task.index + 1} alignment", cfg.ca_epochs, "epoch",
+                       enabled=s.show_progress and s.accelerator.is_main_process)
+        align_classifier(model.task_heads, torch.cat(s.point.means), torch.cat(s.point.chols), task.seen_sizes,
+                         s.method.alignment(task.seen_sizes, cfg),
+                         generator=torch.Generator(device=s.accelerator.device).manual_seed(task.seed),
+                         progress=alignment_progress(task.index, bar, losses))
+        bar.close()
+        model.task_heads.requires_grad_(False)
+        s.method.after_alignment(model, task.seen_sizes, cfg)
+    return stage1_heads, losses
 
 
-def log_task_scalars(events: RunTrackers, cfg: RunConfig, task: int, record: Dict[str, Any],
-                     losses: List[float], align_losses: List[float]) -> None:
-    """TensorBoard scalars of a finished task: losses by global epoch, accuracies, time and memory by task."""
-    events.add_series("loss/train", ((task * cfg.epochs + e + 1, v) for e, v in enumerate(losses)))
-    events.add_series("loss/alignment", ((task * cfg.ca_epochs + e + 1, v) for e, v in enumerate(align_losses)))
-    scalars = {"accuracy/seen_classes": record["task_accuracy"][task], "accuracy/new": record["new_accuracy"][task],
-               "task/seconds": record["seconds"][task], "task/peak_memory_mb": record["peak_memory_mb"][task]}
-    if record["old_accuracy"][task] is not None:
-        scalars["accuracy/old"] = record["old_accuracy"][task]
-    events.add(task + 1, scalars)
+def evaluate_task(s: Seed, task: Task) -> None:
+    """Test accuracy on every class seen so far, counted per task (integers, so no batch size changes it)."""
+    mark("evaluate", task=task.index + 1)
+    correct, total = evaluate(s.model, s.loaders.test(list(range(sum(task.seen_sizes)))), s.accelerator,
+                              task.seen_sizes, s.show_progress, f"task {task.index + 1} evaluate")
+    s.point.counts.append({"correct": correct, "total": total})
 
 
-def metrics_record(cfg: RunConfig, seed: int, point: ResumePoint) -> Dict[str, Any]:
-    """metrics.json's content after the finished tasks (``train_loss``: each task's mean training loss per
-    epoch, the first thing to look at when a method learns nothing)."""
-    return {"dataset": cfg.dataset, "backbone": cfg.backbone, "method": cfg.method, "seed": seed,
-            "task_sizes": list(cfg.task_sizes), "tasks_done": len(point.counts),
-            **summarize(point.counts, cfg.num_tasks), "seconds": point.seconds, "peak_memory_mb": point.memory,
-            "train_loss": point.train_loss, "counts": point.counts}
-
-
-def write_metrics(run_dir: Path, record: Dict[str, Any]) -> None:
-    """metrics.json (everything) and metrics.csv (one row per finished task), both atomic."""
-    atomic_write_json(run_dir / "metrics.json", record)
-    out = io.StringIO()
-    writer = csv.writer(out)
-    writer.writerow(["task", "classes_seen", "accuracy", "old_accuracy", "new_accuracy", "seconds",
-                     "peak_memory_mb"])
-    seen = 0
-    for t, acc in enumerate(record["task_accuracy"]):
-        seen += record["task_sizes"][t]
-        old = record["old_accuracy"][t]
-        writer.writerow([t + 1, seen, f"{acc:.4f}", "" if old is None else f"{old:.4f}",
-                         f"{record['new_accuracy'][t]:.4f}", f"{record['seconds'][t]:.2f}",
-                         f"{record['peak_memory_mb'][t]:.1f}"])
-    atomic_write_text(run_dir / "metrics.csv", out.getvalue())
+def save(s: Seed, task: Task, record: Dict[str, Any], stage1_heads, means, chol, drift, losses: List[float],
+         align_losses: List[float]) -> None:
+    """The task folder, metrics and tracker scalars, written by the main process while stop signals wait."""
+    if s.accelerator.is_main_process:
+        with uninterruptible():  # a stop signal waits until the task folder and metrics are written
+            save_finished_task(s.run_dir, task.index, s.cfg, s.model, stage1_heads, means, chol, task.classes,
+                               s.header, record, s.point, drift)
+            mark("metrics", task=task.index + 1)
+            write_metrics(s.run_dir, record)
+            log_task_scalars(s.events, s.cfg, task.index, record, losses, align_losses)
+            s.epoch_checkpoints.discard()
+    s.accelerator.wait_for_everyone()
 
 
 def seed_everything(seed: int) -> None:
@@ -264,15 +227,3 @@ def seed_everything(seed: int) -> None:
 def task_seed(seed: int, task: int) -> int:
     """Every task reseeds from (run seed, task), so a resumed run draws exactly what a straight run draws."""
     return seed * 1000 + task
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is bytes on macOS, KiB on Linux
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
-
-
-def _progress(total: int, desc: str, enabled: bool):
-    from .progress import progress
-    return progress(desc, total, "epoch", enabled=enabled)

@@ -7,7 +7,7 @@ from slca_cli.learner import fit_task
 from slca_cli.methods import get_method
 from slca_cli.presets import RunConfig
 from slca_cli.restore import build_model
-from slca_cli.runner import alignment_progress
+from slca_cli.progress import alignment_progress
 from slca_cli.backbones import get_backbone
 
 
