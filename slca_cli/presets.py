@@ -151,6 +151,12 @@ class RunConfig:
     ranpac_adapt: bool = option(METHOD, "ranpac: adapt the backbone on the first task (slow-learner rates) before "
                                 "freezing it (default: off, training-free).", "--ranpac-adapt/--no-ranpac-adapt",
                                 default=False)
+    cofima_alpha: float = option(METHOD, "cofima: weight of the new task's backbone in the Fisher-weighted merge with "
+                                 "the previous task's (paper: 0.4; CUB and Cars 0.5).", default=0.4)
+    fisher_max: float = option(METHOD, "cofima: clamp of every diagonal Fisher entry (the authors' 1e-4).",
+                               default=1e-4)
+    ortho_weight: float = option(METHOD, "coda-prompt: weight of the orthogonality penalty on keys, attention vectors "
+                                 "and prompts (paper: 0).", default=0.0)
     # Where the inputs are (the data's file-list checksum and the weights' sha256 are checked separately).
     data_root: Optional[str] = option(DATA, "Where the dataset lives (see `slca datasets`).", default=None,
                                       execution=True)
@@ -292,6 +298,11 @@ def _check_method_settings(cfg: RunConfig) -> None:
         raise SlcaError(f"--sce-a and --sce-b must be >= 0 and not both 0, got {cfg.sce_a} and {cfg.sce_b}")
     if cfg.grad_clip is not None and cfg.grad_clip <= 0:
         raise SlcaError(f"--grad-clip must be positive, got {cfg.grad_clip}")
+    if not 0 < cfg.cofima_alpha <= 1 or cfg.fisher_max <= 0:
+        raise SlcaError(f"--cofima-alpha must be in (0, 1] and --fisher-max > 0, got {cfg.cofima_alpha} and "
+                        f"{cfg.fisher_max}")
+    if cfg.ortho_weight < 0:
+        raise SlcaError(f"--ortho-weight must be >= 0, got {cfg.ortho_weight}")
     if cfg.matching_weight < 0 or cfg.min_lr < 0 or cfg.sample_shrink < 0 or cfg.weight_decay < 0:
         raise SlcaError("--matching-weight, --min-lr, --sample-shrink and --weight-decay must be >= 0")
 

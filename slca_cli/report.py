@@ -14,7 +14,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 
 from .errors import SlcaError
 from .methods import METHODS
-from .methods.catalog import Published
+from .methods.catalog import RANPAC_PAPER, SLCA_PAPER, Published
 from .presets import identity
 
 PAPER_NOTE = ("published numbers (ViT-B/16 IN21K, 10 tasks, mean of 3 seeds; * read from a figure in the "
@@ -24,6 +24,18 @@ PAPER_NOTE = ("published numbers (ViT-B/16 IN21K, 10 tasks, mean of 3 seeds; * r
               "IN21K + IN1K fine-tuned ViT-B/16 on ImageNet-R and CUB")
 
 ABLATION_ROWS = ("SL", "SL+CA", "SL+CA+LN")
+
+
+def paper_note(groups: Sequence["Group"]) -> str:
+    """The paper columns' note: the seed paper's and RanPAC's sources, then each other row's own (its catalog
+    entry's), e.g. CoFiMA's."""
+    extra = []
+    for group in groups:
+        spec = METHODS.get(group.method)
+        covered = not spec or not spec.source or spec.source == SLCA_PAPER or spec.source.startswith(RANPAC_PAPER)
+        if not covered and group.paper() and f"{spec.label}: {spec.source}" not in extra:
+            extra.append(f"{spec.label}: {spec.source}")
+    return "; ".join([PAPER_NOTE] + extra)
 
 
 @dataclass
@@ -384,7 +396,7 @@ def build_report(paths: Sequence[Path], out: Path, paper: bool = False, figures:
                 "Linear probe (where `slca probe` ran): a fresh linear classifier on the final representation.",
                 "", "## Results", "", markdown_table(header, rows)]
     if paper:
-        sections += ["", f"paper columns: {PAPER_NOTE}."]
+        sections += ["", f"paper columns: {paper_note(groups)}."]
     ablation = ablation_rows(groups)
     for dataset, backbone, table in ablation:
         sections += ["", f"## Ablation: {dataset}, {backbone}", "",
@@ -411,7 +423,7 @@ def build_report(paths: Sequence[Path], out: Path, paper: bool = False, figures:
               "ablation": [{"dataset": d, "backbone": b, "rows": [dict(zip(["components", "seeds", "last_acc",
                                                                            "inc_acc"], r)) for r in t]}
                            for d, b, t in ablation],
-              "by_backbone": by_backbone, "figures": figure_files, "paper_note": PAPER_NOTE if paper else None}
+              "by_backbone": by_backbone, "figures": figure_files, "paper_note": paper_note(groups) if paper else None}
     (out / "results.md").write_text(markdown)
     (out / "results.json").write_text(json.dumps(record, indent=2) + "\n")
     (out / "results.csv").write_text(results_csv(groups, paper))

@@ -18,7 +18,7 @@ from .drift import around_stage1, drift_features, drift_loaders
 from .distributed import check_batch_split, sum_across_processes
 from .learner import class_statistics, evaluate, feature_batches, fit_task
 from .methods import get_method
-from .methods.base import ClassifierInputs, Method
+from .methods.base import ClassifierInputs, Method, Stage1Inputs
 from .midtask import EpochCheckpoints
 from .model import ContinualModel
 from .presets import RunConfig
@@ -138,16 +138,20 @@ def begin_task(s: Seed, index: int) -> Task:
 
 
 def fit(s: Seed, task: Task) -> Tuple[List[float], Optional[torch.Tensor]]:
-    """Stage 1 (methods whose classifier is computed skip it): its epoch losses and, with --drift-compensation,
-    the backbone's drift over it, which moves the earlier tasks' Gaussians."""
+    """Stage 1 (methods whose classifier is computed skip it) and the method's step after it: its epoch losses and,
+    with --drift-compensation, the backbone's drift over both, which moves the earlier tasks' Gaussians."""
     cfg, model, accelerator = s.cfg, s.model, s.accelerator
     if not s.method.trains(task.index, cfg):
         return [], None
 
     def train() -> List[float]:
-        return fit_task(model, s.loaders.train(task.classes, task.seed), accelerator,
-                        s.method.recipe(model, task.index, cfg), task=task.index, label_offset=task.offset,
-                        show_progress=s.show_progress, epoch_checkpoints=s.epoch_checkpoints.for_task(task.index))
+        losses = fit_task(model, s.loaders.train(task.classes, task.seed), accelerator,
+                          s.method.recipe(model, task.index, cfg), task=task.index, label_offset=task.offset,
+                          show_progress=s.show_progress, epoch_checkpoints=s.epoch_checkpoints.for_task(task.index))
+        s.point.method_state = s.method.after_stage1(model, task.index, cfg, Stage1Inputs(
+            lambda: s.loaders.train_views(task.classes, task.seed), accelerator, task.offset, s.point.method_state,
+            s.log, s.show_progress))
+        return losses
     if cfg.drift_compensation == "off" or task.index == 0:
         return train(), None
 

@@ -219,7 +219,10 @@ def test_bad_method_flags_are_one_line_errors(cli, tmp_path, flags, fragment):
 
 
 def test_cofima_with_two_processes_computes_the_fisher_of_one(tmp_path):
-    flags = [*TINY, *SMALL, "--train-per-class", 7, "--batch-size", 4, "--method", "cofima"]
+    # Stage 1 itself is not the one-process run's under two host processes (tests/test_distributed.py): a frozen
+    # backbone and a (nearly) still head keep the models equal, so what is compared is the Fisher pass and the merge.
+    flags = [*TINY, *SMALL, "--train-per-class", 7, "--batch-size", 4, "--method", "cofima", "--lr-backbone", 0,
+             "--lr-head", 1e-9]
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "slca_cli"]
     proc = subprocess.run([*launch, "train", *map(str, flags), "--out", str(tmp_path / "two")], capture_output=True,

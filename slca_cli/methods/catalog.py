@@ -109,6 +109,21 @@ def _ranpac():
     return RanPAC
 
 
+def _cofima():
+    from .cofima import CoFiMA
+    return CoFiMA
+
+
+def _aper():
+    from .aper import APER
+    return APER
+
+
+def _coda_prompt():
+    from .coda import CODAPrompt
+    return CODAPrompt
+
+
 # Spec section 7 (the SLCA paper, Zhang et al., ICCV 2023, Tables 1-2): ViT-B/16 IN21K, 10 tasks, mean of 3 seeds.
 SLCA_PAPER = "the SLCA paper (Zhang et al., ICCV 2023), Tables 1-2"
 # RanPAC paper (McDonnell et al., NeurIPS 2023), Tables 1-2, final accuracy as the authors publish it in
@@ -124,6 +139,17 @@ _PROMPTS = dict(lr_backbone=0.015, lr_head=0.015, fresh_norm=False, optimizer="a
                 weight_decay=0.0, grad_clip=1.0, epochs=5, lr_drop_epoch=None)
 _PROMPTS_SMALL_DATA = dict(epochs=50, lr_backbone=0.0025, lr_head=0.0025)
 _SLCAPP_HALF_SCE = dict(sce_a=0.5, sce_b=0.5, weight_decay=0.0)
+# The methods later papers compare against (CONTRIBUTING.md, "Methods", has every default's source).
+COFIMA_PAPER = ("the CoFiMA paper (Marouf et al., ECCV 2024), Last-Acc of ViT-B/16 IN21K, mean of 3 seeds as in the "
+                "authors' logs")
+CODA_PAPER = "the CODA-Prompt paper (Smith et al., CVPR 2023), Tables 1-2 (10 tasks; ViT-B/16 IN1K, not IN21K)"
+# APER's fine-tuning variant (LAMDA-PILOT exps/aper_finetune.json; ImageNet-R: aper_finetune_inr.json).
+_APER = dict(lr_backbone=0.01, lr_head=0.01, schedule="cosine", min_lr=0.0, lr_drop_epoch=None, weight_decay=0.05,
+             epochs=6, batch_size=128, fresh_norm=False)
+# CODA-Prompt (LAMDA-PILOT exps/coda_prompt.json, coda_prompt_inr.json): pool 100, length 8, Adam 1e-3, cosine.
+_CODA = dict(prompt_pool=100, prompt_length=8, ortho_weight=0.0, optimizer="adam", lr_backbone=1e-3, lr_head=1e-3,
+             weight_decay=0.0, schedule="cosine", min_lr=1e-5, lr_drop_epoch=None, epochs=20, batch_size=128,
+             grad_clip=None, fresh_norm=False)
 
 CATALOG: Tuple[MethodSpec, ...] = (
     MethodSpec("seqft", "Seq FT", "sequential fine-tuning, one learning rate (1e-2) for backbone and head: the "
@@ -164,6 +190,17 @@ CATALOG: Tuple[MethodSpec, ...] = (
                "matrix per task)", _ranpac, presets=dict(fresh_norm=False), paper=_on(89.0, 71.8, 88.7, 66.0),
                source=RANPAC_PAPER + " ('No Phase 1'; 'Algorithm 1' for --ranpac-adapt)",
                variants=(Variant("ranpac_adapt", " (adapted)", _on(92.2, 77.9, 90.3, 77.5)),)),
+    MethodSpec("cofima", "CoFiMA", "SLCA's slow learner, then after each task the backbone is averaged with the "
+               "previous task's, weighted by each task's diagonal Fisher; SLCA's alignment", _cofima, aligns=True,
+               presets=dict(cofima_alpha=0.4), dataset_presets={d: dict(cofima_alpha=0.5) for d in ("cub200", "cars196")},
+               paper=_on(92.01, 79.48, 87.02, 72.46), source=COFIMA_PAPER),
+    MethodSpec("aper", "APER (finetune)", "APER/ADAM: the backbone fine-tuned on the first task only, then cosine "
+               "prototypes of [pre-trained, adapted] features", _aper, presets=_APER,
+               dataset_presets={"imagenet-r": dict(epochs=5, batch_size=144, weight_decay=0.005)}),
+    MethodSpec("coda-prompt", "CODA-Prompt", "CODA-Prompt: frozen ViT, prefix prompts assembled from components "
+               "weighted by attention to the query, a new slice of components per task", _coda_prompt,
+               needs_vit=True, presets=_CODA, dataset_presets={d: dict(epochs=50) for d in _SMALL_DATASETS},
+               paper={"cifar100": Published(86.25), "imagenet-r": Published(75.45)}, source=CODA_PAPER),
 )
 METHODS: Dict[str, MethodSpec] = {spec.name: spec for spec in CATALOG}
 
