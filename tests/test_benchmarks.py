@@ -66,3 +66,17 @@ def test_gpu_check_smoke_runs_every_stage_on_the_cpu(tmp_path):
     assert stages["imagenet_r"]["device_augment"] and stages["imagenet_r"]["drift_stored"]
     assert stages["train_step"]["bf16-compile"]["images_per_s"] > 0 and stages["data_supply"]["images"] > 0
     assert "host_syncs" in stdout.split("stage")[-1]  # the table closes the output
+
+
+def test_small_vit_pretraining_smoke_writes_weights_vit_tiny_test_loads_and_caches_them(tmp_path):
+    import torch
+    from backbones.vit import _tiny
+    stdout = run_script("pretrain_small_vit.py", "--smoke", "--cache-dir", tmp_path)
+    weights = next(tmp_path.glob("*.safetensors"))
+    record = json.loads(weights.with_suffix(".json").read_text())
+    assert record["dataset"] == "synthetic" and record["classes"] == [0, 1, 2, 3]
+    assert 0 <= record["test_accuracy"] <= 100
+    assert f"--weights {weights}" in stdout
+    loaded, fresh = _tiny(str(weights)), _tiny()  # what `--backbone vit-tiny-test --weights FILE` builds
+    assert not torch.equal(loaded.blocks[0].attn.qkv.weight, fresh.blocks[0].attn.qkv.weight)
+    assert run_script("pretrain_small_vit.py", "--smoke", "--cache-dir", tmp_path).startswith("cached: ")
