@@ -192,7 +192,8 @@ CATALOG: Tuple[MethodSpec, ...] = (
                variants=(Variant("ranpac_adapt", " (adapted)", _on(92.2, 77.9, 90.3, 77.5)),)),
     MethodSpec("cofima", "CoFiMA", "SLCA's slow learner, then after each task the backbone is averaged with the "
                "previous task's, weighted by each task's diagonal Fisher; SLCA's alignment", _cofima, aligns=True,
-               presets=dict(cofima_alpha=0.4), dataset_presets={d: dict(cofima_alpha=0.5) for d in ("cub200", "cars196")},
+               presets=dict(cofima_alpha=0.4),
+               dataset_presets={d: dict(cofima_alpha=0.5) for d in ("cub200", "cars196")},
                paper=_on(92.01, 79.48, 87.02, 72.46), source=COFIMA_PAPER),
     MethodSpec("aper", "APER (finetune)", "APER/ADAM: the backbone fine-tuned on the first task only, then cosine "
                "prototypes of [pre-trained, adapted] features", _aper, presets=_APER,

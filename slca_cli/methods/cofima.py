@@ -9,7 +9,7 @@ straight or resumed; the previous backbone is the model the task starts from. So
 """
 from __future__ import annotations
 
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, Iterator, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -89,9 +89,9 @@ def diagonal_fisher(model: nn.Module, loader, accelerator, clamp: float, desc: s
     bar = progress(desc, steps, "batch", enabled=show_progress and accelerator.is_main_process)
     try:
         for batch in _aligned_batches(shard, steps):
-            grads = [torch.zeros_like(p) for p in params]
-            count = torch.zeros((), device=device)
-            if batch is not None and len(batch[1]):
+            if batch is None or not len(batch[1]):  # nothing of this step here: zeros into the all-reduce
+                grads, count = [torch.zeros_like(p) for p in params], torch.zeros((), device=device)
+            else:
                 images, labels = batch
                 images = finish(images.to(device, non_blocking=True))
                 labels = labels.to(device, non_blocking=True).long()
@@ -104,6 +104,7 @@ def diagonal_fisher(model: nn.Module, loader, accelerator, clamp: float, desc: s
                                             accelerator)
                 count = flat[-1]
                 grads = list(flat[:-1].split([p.numel() for p in params]))
+            count = count.clamp_min(1)  # a step no process has rows of adds zeros
             for total, g, p in zip(fisher, grads, params):
                 total.add_((g.reshape(p.shape) / count).float().pow(2))
             bar.update(1)
@@ -154,7 +155,3 @@ class CoFiMA(Method):
                                      fisher[name].to(device), alpha))
         self.previous = {}
 
-
-def merged_names(model: nn.Module) -> List[str]:
-    """The parameters CoFiMA merges: every backbone parameter (the heads are SLCA's)."""
-    return [n for n, _ in model.backbone.named_parameters()]
