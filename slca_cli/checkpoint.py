@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import base64
+import errno
 import hashlib
 import json
 import os
 import random
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -77,8 +79,21 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
+def writer_os_error(exc: SafetensorError, path: Path) -> OSError:
+    """safetensors reports a failed write (disk full, read-only file system) as SafetensorError, not OSError; the
+    errno inside its message ("IoError(Os { code: 28, ... })") makes it the OSError the run's guard turns into a
+    one-line message naming the file."""
+    found = re.search(r"code:\s*(\d+)", str(exc))
+    code = int(found.group(1)) if found else errno.EIO
+    return OSError(code, os.strerror(code), str(path))
+
+
 def _save_tensors(path: Path, tensors: Dict[str, torch.Tensor], metadata: Optional[Dict[str, str]] = None) -> str:
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path), metadata=metadata)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path), metadata=metadata)
+    except SafetensorError as exc:
+        raise writer_os_error(exc, path) from None
+    os.chmod(path, 0o666 & ~_UMASK)  # safetensors creates 0600; every file of a run gets the umask's mode
     with open(path, "rb") as fh:
         os.fsync(fh.fileno())
     return sha256_file(path)

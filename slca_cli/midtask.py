@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 from .checkpoint import STATE_FILE, remove_path, rng_state, set_rng_state, sha256_file, write_folder
 from .data.loaders import shuffle_generator
 from .errors import SlcaError
+from .finite import ADVICE, first_non_finite
 from .presets import identity
 from .signals import uninterruptible
 from .validation import check_rng
@@ -190,6 +191,10 @@ class TaskEpochs:
         every = self.owner.every
         if every == 0 or (epoch + 1) % every != 0:
             return
+        bad = first_non_finite(model.state_dict())  # every process: they hold the same weights
+        if bad is not None:
+            raise SlcaError(f"task {self.task + 1}, epoch {epoch + 1}: the weights hold NaN or infinite values ({bad}), "
+                            f"so the mid-task checkpoint is not saved; finished tasks are kept. Fix: {ADVICE}")
         if accelerator.is_main_process:
             optimizer_state = optimizer.state_dict()
             tensors: Dict[str, torch.Tensor] = {}

@@ -26,6 +26,7 @@ from .data.loaders import PassLoaders, resolve_device_augment
 from .drift import compensate, drift_features, drift_loaders, estimate_drift
 from .distributed import check_batch_split, sum_across_processes
 from .errors import SlcaError
+from .finite import require_finite_task, require_finite_weights
 from .learner import default_workers, evaluate, feature_batches, fit_task
 from .methods import get_method
 from .methods.base import ClassifierInputs
@@ -57,6 +58,8 @@ def run_seed(cfg: RunConfig, seed: int, run_dir: Path, accelerator, data: Datase
         set_rng_state(point.last[0].rng)
     else:
         model = build_model(cfg, get_backbone(cfg.backbone), pretrained=True, seed=seed)
+        require_finite_weights(model.backbone.state_dict(), f"--weights {cfg.weights}" if cfg.weights else
+                               f"backbone {cfg.backbone}")
     device = accelerator.device
     model.to(device)
     check_batch_split(cfg.batch_size, accelerator.num_processes)
@@ -133,6 +136,8 @@ def run_seed(cfg: RunConfig, seed: int, run_dir: Path, accelerator, data: Datase
             model.task_heads.requires_grad_(False)
             method.after_alignment(model, seen_sizes, cfg)
 
+        require_finite_task(task, finished_tensors(model, stage1_heads, task_means, task_chol, point.method_state,
+                                                   drift))
         mark("evaluate", task=task + 1)
         correct, total = evaluate(model, loaders.test(list(range(offset + cfg.task_sizes[task]))), accelerator,
                                   seen_sizes, show_progress, f"task {task + 1} evaluate")
@@ -214,6 +219,19 @@ def save_finished_task(run_dir: Path, task: int, cfg: RunConfig, model: Continua
              "seconds": point.seconds, "peak_memory_mb": point.memory, "train_loss": point.train_loss,
              "rng": rng_state(), "data_fingerprint": header["data_fingerprint"]}
     save_task(run_dir, task, model_tensors, stats_tensors, state)
+
+
+def finished_tensors(model: ContinualModel, stage1_heads, means, chol, method_state, drift
+                     ) -> Dict[str, Dict[str, torch.Tensor]]:
+    """What ``save_finished_task`` writes, by part, for the non-finite check before it."""
+    weights = model.state_dict()
+    stats = {"means": means, "chol": chol, **{f"method.{k}": v for k, v in method_state.items()}}
+    if drift is not None:
+        stats["drift"] = drift
+    return {"class statistics": stats,
+            "classifier heads": {**{k: v for k, v in weights.items() if k.startswith("task_heads.")},
+                                 **{f"stage1_heads.{k}": v for k, v in stage1_heads.items()}},
+            "backbone": {k: v for k, v in weights.items() if not k.startswith("task_heads.")}}
 
 
 def task_line(seed: int, task: int, cfg: RunConfig, record: Dict[str, Any]) -> str:

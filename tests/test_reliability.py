@@ -76,3 +76,163 @@ def test_a_stop_while_starting_is_one_line_saying_where(tmp_path, point, where, 
     assert run.finish() == code
     assert len(run.errors) == 1 and run.errors[0].startswith("error: interrupted by"), run.lines
     assert where in run.errors[0] and "Traceback" not in "\n".join(run.lines)
+
+
+# ---- 4, 5: no non-finite number is saved as a finished task ----
+
+def _poison_after_stage1(monkeypatch, task, where="backbone"):
+    """fit_task as usual, then (in task ``task``) a NaN in the backbone: what the last step of a too-large learning
+    rate does after the loss check."""
+    import slca_cli.runner as runner
+    real = runner.fit_task
+
+    def fit(model, loader, accelerator, recipe, *, task: int, **kwargs):
+        losses = real(model, loader, accelerator, recipe, task=task, **kwargs)
+        if task + 1 == poisoned:
+            with torch.no_grad():
+                next(model.backbone.parameters()).view(-1)[0] = float("nan")
+        return losses
+
+    poisoned = task
+    monkeypatch.setattr(runner, "fit_task", fit)
+
+
+def test_a_nan_after_the_loss_check_is_never_saved_as_a_finished_task(cli, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    _poison_after_stage1(monkeypatch, task=2)
+    code, _, err = cli("train", *SMALL, "--method", "sl", "--out", out)
+    assert_one_line_error(code, err, "task 2: the", "NaN or infinite", "not saved", "--precision fp32")
+    run = out / "seed-1993"
+    assert (run / "task-01" / "state.json").is_file() and not (run / "task-02").exists()
+    stats = __import__("safetensors.torch", fromlist=["load_file"]).load_file(str(run / "task-01" / "stats.safetensors"))
+    assert all(bool(torch.isfinite(t).all()) for t in stats.values() if t.is_floating_point())
+    monkeypatch.undo()  # the advice works: the resumed run redoes task 2 and finishes
+    code, _, err = cli("train", *SMALL, "--method", "sl", "--out", out, "--resume")
+    assert code == 0, err
+    assert read_json(run / "metrics.json")["tasks_done"] == 2
+
+
+def test_nan_heads_after_alignment_are_not_saved(cli, tmp_path, monkeypatch):
+    import slca_cli.runner as runner
+    real = runner.align_classifier
+
+    def align(heads, *args, **kwargs):
+        real(heads, *args, **kwargs)
+        with torch.no_grad():
+            heads[0].weight.fill_(float("inf"))
+
+    monkeypatch.setattr(runner, "align_classifier", align)
+    code, _, err = cli("train", *SMALL, "--out", tmp_path / "run")
+    assert_one_line_error(code, err, "task 2: the classifier heads hold NaN or infinite values")
+    assert not (tmp_path / "run" / "seed-1993" / "task-02").exists()
+
+
+def test_a_training_free_method_with_nan_weights_is_refused(cli, tmp_path):
+    from safetensors.torch import save_file
+    from slca_cli.backbones import get_backbone
+
+    weights = {k: torch.full_like(v, float("nan")) for k, v in get_backbone("vit-tiny-test").build(None, False)
+               .state_dict().items() if v.is_floating_point()}
+    save_file(weights, str(tmp_path / "nan.safetensors"))
+    code, _, err = cli("train", *SMALL, "--method", "simplecil", "--weights", tmp_path / "nan.safetensors",
+                       "--out", tmp_path / "run")
+    assert_one_line_error(code, err, "nan.safetensors hold NaN or infinite values")
+    assert not (tmp_path / "run" / "seed-1993" / "task-01").exists()
+
+
+def test_a_nan_mid_task_checkpoint_is_not_written(cli, tmp_path, monkeypatch):
+    import slca_cli.learner as learner
+    real = learner.TaskForward.forward
+
+    def forward(self, images):  # the step after the loss check of epoch 1 leaves a NaN in the weights
+        logits = real(self, images)
+        with torch.no_grad():
+            next(self.model.backbone.parameters()).view(-1)[0] = float("nan")
+        return logits.nan_to_num()
+
+    monkeypatch.setattr(learner.TaskForward, "forward", forward)
+    monkeypatch.setattr(learner, "_check_finite", lambda *a: None)
+    code, _, err = cli("train", *SMALL, "--epochs", 2, "--checkpoint-every", 1, "--out", tmp_path / "run")
+    assert_one_line_error(code, err, "task 1, epoch 1: the weights hold NaN", "not saved")
+    assert not (tmp_path / "run" / "seed-1993" / "in-progress").exists()
+
+
+# ---- 1, 2, 3: the disk fills up or turns read-only mid-run ----
+
+def _fail_tensor_writes(monkeypatch, code, after=0):
+    """safetensors' writer fails as it does on a full (28) or read-only (30) file system, after ``after`` files."""
+    from safetensors import SafetensorError
+    import slca_cli.checkpoint as checkpoint
+    real, calls = checkpoint.save_file, []
+
+    def save(tensors, path, metadata=None):
+        calls.append(path)
+        if len(calls) > after:
+            raise SafetensorError(f'Error while serializing: IoError(Os {{ code: {code}, kind: StorageFull, '
+                                  f'message: "{os.strerror(code)}" }})')
+        return real(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(checkpoint, "save_file", save)
+
+
+@pytest.mark.parametrize("extra, after, where", [([], 2, ".task-02.partial/model.safetensors"),
+                                                 (["--checkpoint-every", 1], 0, ".in-progress.partial/")])
+def test_a_full_disk_while_writing_a_tensor_file_is_one_line(cli, tmp_path, monkeypatch, extra, after, where):
+    _fail_tensor_writes(monkeypatch, errno.ENOSPC, after)
+    code, _, err = cli("train", *SMALL, "--out", tmp_path / "run", *extra)
+    assert_one_line_error(code, err, "No space left on device", where, "add --resume")
+    run = tmp_path / "run" / "seed-1993"
+    if after:  # the finished task is intact
+        from slca_cli.checkpoint import verify_task
+        assert verify_task(run / "task-01") is None
+    assert not (run / ".slca.lock").exists()
+
+
+def test_a_read_only_file_system_reports_the_first_failed_write_not_the_lock(cli, tmp_path, monkeypatch):
+    _fail_tensor_writes(monkeypatch, errno.EROFS)
+    real_unlink = Path.unlink
+
+    def unlink(self, missing_ok=False):
+        if self.name == ".slca.lock":
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(self))
+        return real_unlink(self, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", unlink)
+    code, _, err = cli("train", *SMALL, "--out", tmp_path / "run")
+    assert_one_line_error(code, err, "Read-only file system", "model.safetensors")
+    assert ".slca.lock" not in err
+
+
+def test_a_failing_tensorboard_writer_thread_prints_no_traceback(cli, tmp_path, monkeypatch):
+    from tensorboard.summary.writer import record_writer
+
+    def full(self, data):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(record_writer.RecordWriter, "write", full)
+    threads_failed = []
+    monkeypatch.setattr("threading.excepthook", lambda args: threads_failed.append(args))  # what the user would see
+    code, _, err = cli("train", *SMALL, "--out", tmp_path / "run")
+    assert_one_line_error(code, err, "No space left on device")
+    assert not threads_failed
+
+
+# ---- Also: one file mode for every file of a run; a lock naming pid -1 ----
+
+def test_tensor_files_get_the_same_umask_mode_as_json_files(finished_run):
+    run, _ = finished_run
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (run / "task-01").iterdir()}
+    assert len(set(modes.values())) == 1, modes
+    assert modes["model.safetensors"] == (run / "metrics.json").stat().st_mode & 0o777
+
+
+@pytest.mark.parametrize("pid", [-1, 0, "7", True])
+def test_a_lock_naming_no_real_process_is_taken_over(tmp_path, pid):
+    from slca_cli.lock import LOCK_NAME, RunLock, machine_id
+
+    (tmp_path / LOCK_NAME).write_text(json.dumps({"pid": pid, "host": "here", "machine": machine_id(),
+                                                  "token": "x"}))
+    warnings = []
+    with RunLock(tmp_path, log=warnings.append):
+        assert read_json(tmp_path / LOCK_NAME)["pid"] == os.getpid()
+    assert warnings and "names no process" in warnings[0]
