@@ -119,7 +119,7 @@ def checkpoint_data(state: TaskState, data_root: Optional[str]) -> DatasetSplits
     cfg = state.config
     root = data_root if data_root is not None else stored_data_root(cfg, state.task_dir / "state.json")
     data = load_data_for(cfg, root)
-    if data.fingerprint() != state.data_fingerprint:
+    if not data.matches(state.data_fingerprint):
         raise SlcaError(f"the data under {data.root or cfg.dataset} differs from the data this checkpoint was "
                         f"trained on (file list checksum); point --data-root at the same files")
     return data

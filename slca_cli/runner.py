@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import platform
 import random
 import resource
@@ -64,11 +65,14 @@ def run_seed(cfg: RunConfig, seed: int, run_dir: Path, accelerator, data: Datase
     model.to(device)
     check_batch_split(cfg.batch_size, accelerator.num_processes)
     cfg = cfg.replace(device_augment=resolve_device_augment(cfg.device_augment, data, device, cfg.image_size, log))
+    previous = previous_header(run_dir) if resume else None
     header = {"seed": seed, "config": cfg.to_dict(), "class_order": order,
               "class_names": [data.class_names[c] for c in order], "task_sizes": list(cfg.task_sizes),
-              "data_fingerprint": data.fingerprint(), "versions": library_versions()}
+              "data_fingerprint": run_fingerprint(data, point, previous), "versions": library_versions()}
     if cfg.weights:
         header["weights_sha256"] = sha256_file(Path(cfg.weights))
+    if previous is not None:
+        check_same_weights(previous, header, run_dir)
     if point.last is not None:
         check_same_data(point.last[0].raw, header, point.last[0].task_dir)
     epoch_checkpoints = EpochCheckpoints(run_dir, cfg.checkpoint_every, header, log, accelerator.is_main_process)
@@ -288,6 +292,41 @@ def check_same_data(state: Dict[str, Any], header: Dict[str, Any], last_task: Pa
     if state["data_fingerprint"] != header["data_fingerprint"]:
         raise SlcaError(f"--resume: the data differs from the data {last_task} was trained on (file list checksum); "
                         f"point --data-root at the same files, or start a new run with another --out")
+
+
+def previous_header(run_dir: Path) -> Optional[Dict[str, Any]]:
+    """The config.json a resumed run wrote when it started (None when absent or unreadable)."""
+    path = run_dir / "config.json"
+    try:
+        header = json.loads(path.read_text(encoding="utf-8")) if path.is_file() and not path.is_symlink() else None
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    return header if isinstance(header, dict) else None
+
+
+def run_fingerprint(data: DatasetSplits, point: ResumePoint, previous: Optional[Dict[str, Any]]) -> str:
+    """The data checksum this run records: today's (names in NFC form), or, for a run folder written before names
+    were normalized, the legacy one it recorded, as long as it is this data's (so the folder stays resumable)."""
+    recorded = point.last[0].raw["data_fingerprint"] if point.last is not None else (previous or {}).get(
+        "data_fingerprint")
+    if isinstance(recorded, str) and recorded != data.fingerprint() and data.matches(recorded):
+        return recorded
+    return data.fingerprint()
+
+
+def check_same_weights(previous: Dict[str, Any], header: Dict[str, Any], run_dir: Path) -> None:
+    """--resume continues from the weights file the run started with: same content (sha256), wherever it is now."""
+    before, now = previous.get("weights_sha256"), header.get("weights_sha256")
+    if before == now:
+        return
+    if before is None:
+        raise SlcaError(f"--resume: {run_dir} was started without --weights (the backbone's published weights); "
+                        f"drop --weights, or start a new run with another --out")
+    where = (previous.get("config") or {}).get("weights") if isinstance(previous.get("config"), dict) else None
+    given = f"--weights {header['config']['weights']} has other content" if now else "no --weights was given"
+    raise SlcaError(f"--resume: {run_dir} was started from the weights file {where} (sha256 {str(before)[:12]}...), "
+                    f"but {given}; pass a file with that content (it may have moved), or start a new run with "
+                    f"another --out")
 
 
 def library_versions() -> Dict[str, str]:

@@ -236,3 +236,100 @@ def test_a_lock_naming_no_real_process_is_taken_over(tmp_path, pid):
     with RunLock(tmp_path, log=warnings.append):
         assert read_json(tmp_path / LOCK_NAME)["pid"] == os.getpid()
     assert warnings and "names no process" in warnings[0]
+
+
+# ---- 8: --resume with other weights ----
+
+def test_resume_with_weights_of_other_content_is_refused(cli, tmp_path, monkeypatch):
+    from safetensors.torch import save_file
+    from slca_cli.backbones import get_backbone
+    from conftest import interrupt_at_task
+
+    state = get_backbone("vit-tiny-test").build(None, False).state_dict()
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "a.safetensors"))
+    save_file({k: (v + 1).contiguous() for k, v in state.items()}, str(tmp_path / "b.safetensors"))
+    out = tmp_path / "run"
+    interrupt_at_task(monkeypatch, 2)
+    code, _, err = cli("train", *SMALL, "--weights", tmp_path / "a.safetensors", "--out", out)
+    assert code == 130, err
+    monkeypatch.undo()
+    before = read_json(out / "seed-1993" / "config.json")
+    code, _, err = cli("train", *SMALL, "--weights", tmp_path / "b.safetensors", "--out", out, "--resume")
+    assert_one_line_error(code, err, "was started from the weights file", "a.safetensors", "other content")
+    assert read_json(out / "seed-1993" / "config.json") == before
+    code, _, err = cli("train", *SMALL, "--out", out, "--resume")
+    assert_one_line_error(code, err, "no --weights was given")
+    (tmp_path / "moved").mkdir()  # the same content elsewhere is the same run
+    shutil.move(tmp_path / "a.safetensors", tmp_path / "moved" / "a.safetensors")
+    code, _, err = cli("train", *SMALL, "--weights", tmp_path / "moved" / "a.safetensors", "--out", out, "--resume")
+    assert code == 0, err
+
+
+# ---- 9: zip members without file-type bits ----
+
+def test_zip_members_without_type_bits_are_files_and_skipped_ones_are_named(tmp_path, capsys):
+    from slca_cli.data.archives import extract_archive
+
+    archive = tmp_path / "data.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("train/a/1.png", b"one")  # writestr: mode 0o600, no S_IFREG bits
+        zf.writestr("train/a/2.png", b"two")
+        link = zipfile.ZipInfo("train/a/evil.png")
+        link.external_attr = (0o120777 << 16)  # a symbolic link
+        zf.writestr(link, "/etc/passwd")
+    assert zipfile.ZipFile(archive).getinfo("train/a/1.png").external_attr >> 16 == 0o600
+    assert extract_archive(archive, tmp_path / "out") == 2
+    assert (tmp_path / "out" / "train" / "a" / "2.png").read_bytes() == b"two"
+    assert not (tmp_path / "out" / "train" / "a" / "evil.png").exists()
+    err = capsys.readouterr().err
+    assert "skipped 1 member(s)" in err and "train/a/evil.png" in err
+
+
+# ---- 10: a macOS (NFD) copy of the data resumes the run ----
+
+def _nfd_tree(root, form):
+    from conftest import write_image_tree
+    import unicodedata
+    names = [unicodedata.normalize(form, n) for n in ("café", "crème", "ñu", "zz")]
+    tree = write_image_tree(root, names, per_split=(3, 1))
+    for folder in (tree / "train").iterdir():  # file names with accents too, whose NFC and NFD orders differ
+        (folder / "img_0.png").rename(folder / unicodedata.normalize(form, "é0.png"))
+    return tree
+
+
+def test_an_nfd_copy_of_the_data_resumes_the_run(cli, tmp_path, monkeypatch):
+    from conftest import interrupt_at_task
+    nfc, nfd = _nfd_tree(tmp_path / "nfc", "NFC"), _nfd_tree(tmp_path / "nfd", "NFD")
+    args = ["--dataset", "folder", "--backbone", "vit-tiny-test", "--device", "cpu", "--no-progress", "--tasks", 2,
+            "--epochs", 1, "--batch-size", 4, "--workers", 0, "--ca-epochs", 1, "--ca-samples", 4,
+            "--out", tmp_path / "run"]
+    interrupt_at_task(monkeypatch, 2)
+    code, _, err = cli("train", *args, "--data-root", nfc)
+    assert code == 130, err
+    monkeypatch.undo()
+    code, _, err = cli("train", *args, "--data-root", nfd, "--resume")
+    assert code == 0, err
+    code, out, err = cli("eval", tmp_path / "run" / "seed-1993" / "task-02", "--data-root", nfd, "--device", "cpu",
+                         "--no-progress")
+    assert code == 0 and "matches" in out, err
+
+
+def test_a_run_recorded_with_the_legacy_fingerprint_still_resumes(cli, tmp_path, monkeypatch):
+    from conftest import interrupt_at_task
+    from slca_cli.data.base import DatasetSplits
+    nfd = _nfd_tree(tmp_path / "nfd", "NFD")
+    args = ["--dataset", "folder", "--backbone", "vit-tiny-test", "--device", "cpu", "--no-progress", "--tasks", 2,
+            "--epochs", 1, "--batch-size", 4, "--workers", 0, "--ca-epochs", 1, "--ca-samples", 4,
+            "--out", tmp_path / "run", "--data-root", nfd]
+    real = DatasetSplits.fingerprint
+    monkeypatch.setattr(DatasetSplits, "fingerprint", lambda self, legacy=False: real(self, legacy=True))
+    interrupt_at_task(monkeypatch, 2)
+    code, _, err = cli("train", *args)  # as slca before the fix recorded it: raw (NFD) names
+    assert code == 130, err
+    legacy = read_json(tmp_path / "run" / "seed-1993" / "task-01" / "state.json")["data_fingerprint"]
+    monkeypatch.undo()
+    from slca_cli.data import load_dataset
+    assert legacy != load_dataset("folder", str(nfd), None, None, None, False).fingerprint()  # the names matter
+    code, _, err = cli("train", *args, "--resume")
+    assert code == 0, err
+    assert read_json(tmp_path / "run" / "seed-1993" / "task-02" / "state.json")["data_fingerprint"] == legacy
