@@ -12,14 +12,13 @@ from torch import nn
 
 from .closed_form import align_closed_form
 from .presets import DEFAULTS
+from .protocol import task_of_class
 
 
 
 def task_membership(task_sizes: Sequence[int], device=None) -> torch.Tensor:
     """(num_classes, num_tasks) one-hot matrix: column t marks the classes of task t."""
-    task_of = torch.repeat_interleave(torch.arange(len(task_sizes), device=device),
-                                      torch.tensor(list(task_sizes), device=device))
-    return F.one_hot(task_of, len(task_sizes)).to(torch.float32)
+    return F.one_hot(task_of_class(task_sizes).to(device), len(task_sizes)).to(torch.float32)
 
 
 def normalize_logits(logits: torch.Tensor, task_sizes: Sequence[int], tau: float,
@@ -44,7 +43,7 @@ def class_tasks(task_sizes: Sequence[int], mode: str) -> torch.Tensor:
     """Task index of every seen class: the true one (``task``) or the authors' ``c // current_task_size``."""
     if mode == "authors":
         return torch.arange(sum(task_sizes)) // task_sizes[-1]
-    return torch.repeat_interleave(torch.arange(len(task_sizes)), torch.tensor(list(task_sizes)))
+    return task_of_class(task_sizes)
 
 
 def sample_features(means: torch.Tensor, chol: torch.Tensor, per_class: int,

@@ -6,9 +6,8 @@ from typing import Any, Dict, Optional
 
 from .data.loaders import PassLoaders, resolve_device_augment
 from .errors import SlcaError
-from .learner import default_workers, evaluate
+from .learner import evaluate
 from .metrics import summarize
-from .protocol import class_remap
 from .restore import open_checkpoint
 
 
@@ -20,14 +19,11 @@ def evaluate_checkpoint(task_dir: Path, data_root: Optional[str], device: str = 
         raise SlcaError(f"{task_dir} is not a folder; give a task-NN/ folder of a run, e.g. runs/.../seed-1993/task-03")
     checkpoint = open_checkpoint(task_dir, data_root, device)
     model, state, data, accelerator = checkpoint.model, checkpoint.state, checkpoint.data, checkpoint.accelerator
-    cfg = state.config
     seen_sizes = state.seen_sizes
     # The pipeline the run used (host or device transforms), so the stored accuracy is reproduced.
-    loaders = PassLoaders(data, class_remap(state.class_order), batch_size=batch_size or cfg.batch_size,
-                          image_size=cfg.image_size, mean=cfg.mean, std=cfg.std, device=accelerator.device,
-                          workers=default_workers(cfg.workers, data),
-                          on_device=resolve_device_augment(cfg.device_augment, data, accelerator.device,
-                                                           cfg.image_size))
+    cfg = state.config.replace(device_augment=resolve_device_augment(state.config.device_augment, data,
+                                                                     accelerator.device, state.config.image_size))
+    loaders = PassLoaders.for_run(data, state.class_order, cfg, accelerator, batch_size)
     correct, total = evaluate(model, loaders.test(list(range(sum(seen_sizes)))), accelerator, seen_sizes,
                               show_progress)
     result = summarize([{"correct": correct, "total": total}], len(seen_sizes))

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 from .data.loaders import finish_batch
-from .distributed import process_loader, sum_across_processes, workers_per_process
+from .distributed import process_loader, sum_across_processes
 from .errors import SlcaError
 from .model import ContinualModel, freeze_batchnorm_statistics
 from .progress import iterate, progress
@@ -17,12 +17,6 @@ from .stages import mark
 
 # Steps between host syncs in stage 1: the loss stays on the device in between, so the GPU is never stalled.
 SYNC_EVERY = 25
-
-
-def default_workers(workers: Optional[int], data) -> int:
-    """``--workers`` when given, else none for generated tensors and the node's cores shared among its
-    processes for images (distributed.workers_per_process)."""
-    return workers if workers is not None else workers_per_process(data.transform_style == "tensor")
 
 
 def fit_task(model: ContinualModel, loader: DataLoader, accelerator, recipe: TrainingRecipe, *, task: int,

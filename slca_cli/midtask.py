@@ -22,7 +22,7 @@ from .checkpoint import STATE_FILE, remove_path, rng_state, set_rng_state, sha25
 from .data.loaders import shuffle_generator
 from .errors import SlcaError
 from .finite import ADVICE, first_non_finite
-from .presets import identity
+from .records import RunIdentity
 from .signals import uninterruptible
 from .validation import check_rng
 
@@ -59,14 +59,6 @@ def _from_b64(text: str) -> torch.Tensor:
     return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8).clone()
 
 
-def identity_of(header: Dict[str, Any]) -> Dict[str, Any]:
-    """What must be equal for a mid-task checkpoint to belong to this run."""
-    config = header["config"]
-    return {"seed": header["seed"], "class_order": header["class_order"],
-            "data_fingerprint": header["data_fingerprint"],
-            "config": identity(config)}
-
-
 def refuse_leftover(run_dir: Path) -> None:
     """A fresh run must not silently drop (or later pick up) the mid-task state of an interrupted one."""
     folder = Path(run_dir) / FOLDER
@@ -78,13 +70,13 @@ def refuse_leftover(run_dir: Path) -> None:
 class EpochCheckpoints:
     """The run's ``in-progress/`` folder: written every ``every`` epochs, adopted on --resume."""
 
-    def __init__(self, run_dir: Path, every: int, header: Dict[str, Any], log: Callable[[str], None] = print,
+    def __init__(self, run_dir: Path, every: int, run: RunIdentity, log: Callable[[str], None] = print,
                  is_main_process: bool = True):
         if every < 0:
             raise SlcaError(f"--checkpoint-every must be 0 (off) or a number of epochs, got {every}")
         self.run_dir, self.every, self.log = Path(run_dir), int(every), log
         self.folder = self.run_dir / FOLDER
-        self.identity = identity_of(header)
+        self.identity = run.record()  # stored in every state.json and compared on --resume
         self.is_main_process = is_main_process
         self.pending: Optional[Dict[str, Any]] = None
 

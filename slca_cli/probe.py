@@ -112,7 +112,7 @@ def probe_seed(seed_dir: Path, *, data_root: Optional[str] = None, device: str =
                classifier: str = "logistic", batch_size: Optional[int] = None,
                show_progress: bool = True) -> Dict[str, Any]:
     """Probe one seed's checkpoint after its last (or ``task``-th) task; also writes probe.json next to it."""
-    from .learner import default_workers
+    from .data.loaders import default_workers
     from .protocol import class_remap
     from .restore import open_checkpoint
     task_dir = last_task_dir(seed_dir, task)

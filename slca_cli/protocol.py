@@ -5,6 +5,7 @@ import math
 from typing import List, Optional, Sequence
 
 import numpy as np
+import torch
 
 from .errors import SlcaError
 
@@ -79,6 +80,6 @@ def task_classes(task_sizes: Sequence[int]) -> List[List[int]]:
     return out
 
 
-def task_of_class(task_sizes: Sequence[int]) -> List[int]:
-    """For each remapped label, the index of the task that introduces it."""
-    return [t for t, size in enumerate(task_sizes) for _ in range(size)]
+def task_of_class(task_sizes: Sequence[int]) -> torch.Tensor:
+    """For each remapped label (class-order position), the index of the task that introduces it (int64)."""
+    return torch.repeat_interleave(torch.arange(len(task_sizes)), torch.tensor(list(task_sizes), dtype=torch.long))

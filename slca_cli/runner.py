@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
-import platform
 import random
 import resource
 import sys
@@ -17,10 +15,8 @@ import torch
 
 from .backbones import get_backbone
 
-from . import __version__
 from .alignment import align_classifier
 from .checkpoint import atomic_write_json, atomic_write_text, complete_tasks, rng_state, save_task, set_rng_state
-from .checkpoint import sha256_file
 from .closed_form import shrink_class_covariances
 from .data import DatasetSplits
 from .data.loaders import PassLoaders, resolve_device_augment
@@ -28,13 +24,14 @@ from .drift import compensate, drift_features, drift_loaders, estimate_drift
 from .distributed import check_batch_split, sum_across_processes
 from .errors import SlcaError
 from .finite import require_finite_task, require_finite_weights
-from .learner import default_workers, evaluate, feature_batches, fit_task
+from .learner import evaluate, feature_batches, fit_task
 from .methods import get_method
 from .methods.base import ClassifierInputs
 from .metrics import summarize
 from .midtask import EpochCheckpoints, refuse_leftover
 from .model import ContinualModel
 from .presets import RunConfig
+from .records import RunIdentity, check_same_weights, previous_header, run_fingerprint, run_header
 from .protocol import class_order, class_remap
 from .restore import ResumePoint, build_model, find_resume_point, restore_model
 from .signals import uninterruptible
@@ -66,16 +63,13 @@ def run_seed(cfg: RunConfig, seed: int, run_dir: Path, accelerator, data: Datase
     check_batch_split(cfg.batch_size, accelerator.num_processes)
     cfg = cfg.replace(device_augment=resolve_device_augment(cfg.device_augment, data, device, cfg.image_size, log))
     previous = previous_header(run_dir) if resume else None
-    header = {"seed": seed, "config": cfg.to_dict(), "class_order": order,
-              "class_names": [data.class_names[c] for c in order], "task_sizes": list(cfg.task_sizes),
-              "data_fingerprint": run_fingerprint(data, point, previous), "versions": library_versions()}
-    if cfg.weights:
-        header["weights_sha256"] = sha256_file(Path(cfg.weights))
+    run = RunIdentity(seed, order, run_fingerprint(data, point.last[0].raw if point.last else previous), cfg)
+    header = run_header(run, data.class_names)
     if previous is not None:
         check_same_weights(previous, header, run_dir)
     if point.last is not None:
-        check_same_data(point.last[0].raw, header, point.last[0].task_dir)
-    epoch_checkpoints = EpochCheckpoints(run_dir, cfg.checkpoint_every, header, log, accelerator.is_main_process)
+        run.check_continues(point.last[0].raw, point.last[0].task_dir)
+    epoch_checkpoints = EpochCheckpoints(run_dir, cfg.checkpoint_every, run, log, accelerator.is_main_process)
     if resume:
         epoch_checkpoints.adopt(point.start_task)
     if accelerator.is_main_process:
@@ -85,10 +79,7 @@ def run_seed(cfg: RunConfig, seed: int, run_dir: Path, accelerator, data: Datase
     if data.skipped:
         log(f"--skip-bad-images: left out {len(data.skipped)} unreadable image(s), listed in "
             f"{run_dir / 'skipped-images.json'}")
-    loaders = PassLoaders(data, class_remap(order), batch_size=cfg.batch_size, image_size=cfg.image_size,
-                          mean=cfg.mean, std=cfg.std, device=device, workers=default_workers(cfg.workers, data),
-                          on_device=cfg.device_augment, rank=accelerator.process_index,
-                          world=accelerator.num_processes)
+    loaders = PassLoaders.for_run(data, order, cfg, accelerator)
     events = RunTrackers(run_dir, accelerator, cfg.to_dict(), seed)  # events/ and the --log-with trackers
     record = metrics_record(cfg, seed, point)
     for task in range(point.start_task, cfg.num_tasks):
@@ -282,61 +273,6 @@ def write_metrics(run_dir: Path, record: Dict[str, Any]) -> None:
                          f"{record['new_accuracy'][t]:.4f}", f"{record['seconds'][t]:.2f}",
                          f"{record['peak_memory_mb'][t]:.1f}"])
     atomic_write_text(run_dir / "metrics.csv", out.getvalue())
-
-
-def check_same_data(state: Dict[str, Any], header: Dict[str, Any], last_task: Path) -> None:
-    """--resume continues only with the seed, class order and data files the finished tasks were trained on."""
-    if state.get("seed") != header["seed"] or state["class_order"] != header["class_order"]:
-        raise SlcaError(f"--resume: {last_task} was trained with another seed or class order; the seed folders of "
-                        f"{last_task.parent.parent} were rearranged")
-    if state["data_fingerprint"] != header["data_fingerprint"]:
-        raise SlcaError(f"--resume: the data differs from the data {last_task} was trained on (file list checksum); "
-                        f"point --data-root at the same files, or start a new run with another --out")
-
-
-def previous_header(run_dir: Path) -> Optional[Dict[str, Any]]:
-    """The config.json a resumed run wrote when it started (None when absent or unreadable)."""
-    path = run_dir / "config.json"
-    try:
-        header = json.loads(path.read_text(encoding="utf-8")) if path.is_file() and not path.is_symlink() else None
-    except (OSError, ValueError, UnicodeDecodeError):
-        return None
-    return header if isinstance(header, dict) else None
-
-
-def run_fingerprint(data: DatasetSplits, point: ResumePoint, previous: Optional[Dict[str, Any]]) -> str:
-    """The data checksum this run records: today's (names in NFC form), or, for a run folder written before names
-    were normalized, the legacy one it recorded, as long as it is this data's (so the folder stays resumable)."""
-    recorded = point.last[0].raw["data_fingerprint"] if point.last is not None else (previous or {}).get(
-        "data_fingerprint")
-    if isinstance(recorded, str) and recorded != data.fingerprint() and data.matches(recorded):
-        return recorded
-    return data.fingerprint()
-
-
-def check_same_weights(previous: Dict[str, Any], header: Dict[str, Any], run_dir: Path) -> None:
-    """--resume continues from the weights file the run started with: same content (sha256), wherever it is now."""
-    before, now = previous.get("weights_sha256"), header.get("weights_sha256")
-    if before == now:
-        return
-    if before is None:
-        raise SlcaError(f"--resume: {run_dir} was started without --weights (the backbone's published weights); "
-                        f"drop --weights, or start a new run with another --out")
-    where = (previous.get("config") or {}).get("weights") if isinstance(previous.get("config"), dict) else None
-    given = f"--weights {header['config']['weights']} has other content" if now else "no --weights was given"
-    raise SlcaError(f"--resume: {run_dir} was started from the weights file {where} (sha256 {str(before)[:12]}...), "
-                    f"but {given}; pass a file with that content (it may have moved), or start a new run with "
-                    f"another --out")
-
-
-def library_versions() -> Dict[str, str]:
-    import accelerate
-    import safetensors
-    import timm
-    import torchvision
-    return {"slca": __version__, "python": platform.python_version(), "torch": torch.__version__,
-            "torchvision": torchvision.__version__, "timm": timm.__version__, "accelerate": accelerate.__version__,
-            "safetensors": safetensors.__version__, "numpy": np.__version__, "platform": platform.platform()}
 
 
 def seed_everything(seed: int) -> None:

@@ -17,8 +17,8 @@ from slca_cli.data import device_path, load_dataset
 from slca_cli.data.base import FileSplit
 from slca_cli.data.decoded import Geometry, build_cache, cache_key, open_cache
 from slca_cli.data.device_crops import (cached_eval_batch, crop_train_batch, fine_grained_train_batch,
-                                        gather_crops, indexed_crops, random_crop_offsets,
-                                        random_resized_crop_boxes_per_image, sliced_crops)
+                                        gather_crops, indexed_crops, random_crop_offsets, sliced_crops)
+from slca_cli.data.device_transforms import random_resized_crop_boxes_per_image
 from slca_cli.data.loaders import resolve_device_augment
 from slca_cli.data.transforms import build_transforms
 

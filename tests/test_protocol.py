@@ -45,4 +45,4 @@ def test_inconsistent_split_names_the_flags():
 
 def test_task_classes_and_task_of_class():
     assert task_classes([2, 3]) == [[0, 1], [2, 3, 4]]
-    assert task_of_class([2, 3]) == [0, 0, 1, 1, 1]
+    assert task_of_class([2, 3]).tolist() == [0, 0, 1, 1, 1]

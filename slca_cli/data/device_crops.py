@@ -4,7 +4,7 @@
   integer gather, so every crop holds exactly the pixels the PIL path's crop holds (offsets drawn uniformly as
   torchvision draws them).
 - ``crop`` (ImageNet-R, folder): ``RandomResizedCrop(size)`` + flip on each image's own (height, width) inside its
-  canvas: boxes drawn as torchvision's ``get_params`` draws them, resized by one bicubic ``grid_sample`` for the
+  canvas: boxes drawn as torchvision's ``get_params`` draws them (device_transforms' sampler), resized by one bicubic ``grid_sample`` for the
   batch (device_transforms.crop_resize; no antialiasing, which matters little as the cache bounds a downscale to
   S / size).
 - test geometry (every dataset): the cache already holds ``Resize + CenterCrop``; only normalization is left.
@@ -12,12 +12,12 @@ Inputs are (N, S, S, 3) uint8 on any device; outputs (N, 3, size, size) normaliz
 """
 from __future__ import annotations
 
-import math
 from typing import Optional, Sequence
 
 import torch
 
-from .device_transforms import Boxes, channel_tensor, crop_resize, normalize, to_float
+from .device_transforms import (channel_tensor, crop_resize, normalize, random_resized_crop_boxes_per_image,
+                                to_float)
 
 
 def random_crop_offsets(n: int, height: int, width: int, size: int, generator: Optional[torch.Generator],
@@ -75,39 +75,6 @@ def fine_grained_train_batch(images: torch.Tensor, size: int, mean: Sequence[flo
     top, left = random_crop_offsets(n, height, width, size, generator, images.device)
     flip = torch.rand(n, generator=generator, device=images.device) < 0.5
     return normalized_nchw(gather_crops(images, top, left, size, flip), mean, std)
-
-
-def random_resized_crop_boxes_per_image(heights: torch.Tensor, widths: torch.Tensor,
-                                        generator: Optional[torch.Generator] = None,
-                                        scale: Sequence[float] = (0.08, 1.0),
-                                        ratio: Sequence[float] = (3 / 4, 4 / 3), attempts: int = 10) -> Boxes:
-    """RandomResizedCrop boxes for images of different sizes: torchvision's ``get_params`` (ten attempts, then
-    the whole image cut to the nearest allowed aspect ratio, centred), vectorized over the batch."""
-    device = heights.device
-    h_img, w_img = heights.to(torch.float64), widths.to(torch.float64)
-    n = len(h_img)
-    draw = lambda low, high, shape: low + (high - low) * torch.rand(shape, generator=generator, device=device,  # noqa: E731
-                                                                    dtype=torch.float64)
-    area = (h_img * w_img).view(-1, 1)
-    target = area * draw(scale[0], scale[1], (n, attempts))
-    aspect = torch.exp(draw(math.log(ratio[0]), math.log(ratio[1]), (n, attempts)))
-    w = torch.round(torch.sqrt(target * aspect))
-    h = torch.round(torch.sqrt(target / aspect))
-    valid = (w > 0) & (w <= w_img.view(-1, 1)) & (h > 0) & (h <= h_img.view(-1, 1))
-    first = valid.to(torch.int8).argmax(dim=1, keepdim=True)
-    found = valid.any(dim=1)
-    w = w.gather(1, first).squeeze(1)
-    h = h.gather(1, first).squeeze(1)
-    in_ratio = w_img / h_img
-    low, high = min(ratio), max(ratio)
-    fw = torch.where(in_ratio < low, w_img, torch.where(in_ratio > high, torch.round(h_img * high), w_img))
-    fh = torch.where(in_ratio < low, torch.round(w_img / low), h_img)
-    h, w = torch.where(found, h, fh), torch.where(found, w, fw)
-    top = torch.floor(torch.rand(n, generator=generator, device=device, dtype=torch.float64) * (h_img - h + 1))
-    left = torch.floor(torch.rand(n, generator=generator, device=device, dtype=torch.float64) * (w_img - w + 1))
-    top = torch.where(found, top, torch.div(h_img - fh, 2, rounding_mode="floor"))
-    left = torch.where(found, left, torch.div(w_img - fw, 2, rounding_mode="floor"))
-    return top, left, h, w
 
 
 def crop_train_batch(images: torch.Tensor, sizes: torch.Tensor, size: int, mean: Sequence[float],

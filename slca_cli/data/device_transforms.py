@@ -27,31 +27,39 @@ def _uniform(n: int, low: float, high: float, generator: Optional[torch.Generato
 def random_resized_crop_boxes(n: int, height: int, width: int, generator: Optional[torch.Generator] = None,
                               device=None, scale: Sequence[float] = (0.08, 1.0),
                               ratio: Sequence[float] = (3 / 4, 4 / 3), attempts: int = 10) -> Boxes:
-    """One crop box per image, drawn as torchvision's ``RandomResizedCrop.get_params`` draws it, for all at once."""
-    area = height * width
+    """One crop box per image of ``n`` images of one size (height, width)."""
+    full = lambda v: torch.full((n,), float(v), device=device, dtype=torch.float64)  # noqa: E731
+    return random_resized_crop_boxes_per_image(full(height), full(width), generator, scale, ratio, attempts)
+
+
+def random_resized_crop_boxes_per_image(heights: torch.Tensor, widths: torch.Tensor,
+                                        generator: Optional[torch.Generator] = None,
+                                        scale: Sequence[float] = (0.08, 1.0),
+                                        ratio: Sequence[float] = (3 / 4, 4 / 3), attempts: int = 10) -> Boxes:
+    """One crop box per image, drawn as torchvision's ``RandomResizedCrop.get_params`` draws it (ten attempts,
+    then the whole image cut to the nearest allowed aspect ratio, centred), for images of any sizes at once."""
+    device = heights.device
+    h_img, w_img = heights.to(torch.float64), widths.to(torch.float64)
+    n = len(h_img)
+    area = (h_img * w_img).view(-1, 1)
     target = area * _uniform(n, scale[0], scale[1], generator, device, attempts)
     aspect = torch.exp(_uniform(n, math.log(ratio[0]), math.log(ratio[1]), generator, device, attempts))
     w = torch.round(torch.sqrt(target * aspect))
     h = torch.round(torch.sqrt(target / aspect))
-    valid = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    valid = (w > 0) & (w <= w_img.view(-1, 1)) & (h > 0) & (h <= h_img.view(-1, 1))
     first = valid.to(torch.int8).argmax(dim=1, keepdim=True)
     found = valid.any(dim=1)
     w = w.gather(1, first).squeeze(1)
     h = h.gather(1, first).squeeze(1)
-    # Fallback (no attempt fit): the whole image, cropped to the nearest allowed aspect ratio, centred.
-    in_ratio = width / height
-    if in_ratio < min(ratio):
-        fw, fh = width, round(width / min(ratio))
-    elif in_ratio > max(ratio):
-        fh, fw = height, round(height * max(ratio))
-    else:
-        fw, fh = width, height
-    h = torch.where(found, h, torch.full_like(h, fh))
-    w = torch.where(found, w, torch.full_like(w, fw))
-    top = torch.floor(torch.rand(n, generator=generator, device=device, dtype=torch.float64) * (height - h + 1))
-    left = torch.floor(torch.rand(n, generator=generator, device=device, dtype=torch.float64) * (width - w + 1))
-    top = torch.where(found, top, torch.full_like(top, (height - fh) // 2))
-    left = torch.where(found, left, torch.full_like(left, (width - fw) // 2))
+    in_ratio = w_img / h_img
+    low, high = min(ratio), max(ratio)
+    fw = torch.where(in_ratio < low, w_img, torch.where(in_ratio > high, torch.round(h_img * high), w_img))
+    fh = torch.where(in_ratio < low, torch.round(w_img / low), h_img)
+    h, w = torch.where(found, h, fh), torch.where(found, w, fw)
+    top = torch.floor(torch.rand(n, generator=generator, device=device, dtype=torch.float64) * (h_img - h + 1))
+    left = torch.floor(torch.rand(n, generator=generator, device=device, dtype=torch.float64) * (w_img - w + 1))
+    top = torch.where(found, top, torch.div(h_img - fh, 2, rounding_mode="floor"))
+    left = torch.where(found, left, torch.div(w_img - fw, 2, rounding_mode="floor"))
     return top, left, h, w
 
 

@@ -9,7 +9,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from ..distributed import workers_per_process
 from ..errors import SlcaError
+from ..protocol import class_remap
 from ..signals import worker_init
 from .base import ArraySplit, DatasetSplits, LabelledSplit, RemappedSubset
 from .decoded import build_cache
@@ -213,8 +215,23 @@ class DeviceLoader:
                 yield self.transform(self.images[batch], generator, self.sizes[batch]), self.labels[batch]
 
 
+def default_workers(workers: Optional[int], data) -> int:
+    """``--workers`` when given, else none for generated tensors and the node's cores shared among its
+    processes for images (distributed.workers_per_process)."""
+    return workers if workers is not None else workers_per_process(data.transform_style == "tensor")
+
+
 class PassLoaders:
     """The loaders of one seed's passes. ``remap[c]`` is the class-order position of dataset class ``c``."""
+
+    @classmethod
+    def for_run(cls, data: DatasetSplits, class_order: Sequence[int], cfg, accelerator,
+                batch_size: Optional[int] = None) -> "PassLoaders":
+        """The loaders of a run (training, `slca eval`) from its RunConfig: ``cfg.device_augment`` already
+        resolved (resolve_device_augment), ``batch_size`` overriding the run's for scoring only."""
+        return cls(data, class_remap(class_order), batch_size=batch_size or cfg.batch_size, image_size=cfg.image_size, mean=cfg.mean,
+                   std=cfg.std, device=accelerator.device, workers=default_workers(cfg.workers, data),
+                   on_device=cfg.device_augment, rank=accelerator.process_index, world=accelerator.num_processes)
 
     def __init__(self, data: DatasetSplits, remap: Sequence[int], *, batch_size: int, image_size: int,
                  mean: Sequence[float], std: Sequence[float], device: torch.device, workers: int,

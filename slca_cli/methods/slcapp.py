@@ -10,16 +10,12 @@ from torch import nn
 from ..presets import RunConfig
 from ..recipe import TrainingRecipe
 from ..alignment import AlignmentRecipe
+from ..protocol import task_of_class
 from .base import Method, alignment_from_config, recipe_from_config
 from .lora import inject_lora, lora_layers
 
 # Backbone parameters the hybrid slow learner trains besides LoRA (matched against parameter names).
 HYBRID_TRAINABLE = ("norm", "bias", "cls_token")
-
-
-def class_task_index(task_sizes: Sequence[int]) -> torch.Tensor:
-    """Task index of every seen class, in class-order position."""
-    return torch.repeat_interleave(torch.arange(len(task_sizes)), torch.tensor(list(task_sizes)))
 
 
 def shrink_old_samples(features: torch.Tensor, labels: torch.Tensor, class_task: torch.Tensor, current_task: int,
@@ -66,7 +62,7 @@ class SLCAPlusPlus(Method):
         recipe = alignment_from_config(cfg)
         if not cfg.sample_shrink:
             return recipe
-        class_task = class_task_index(task_sizes)
+        class_task = task_of_class(task_sizes)
         current = len(task_sizes) - 1
         recipe.sample_transform = lambda features, labels, generator: shrink_old_samples(
             features, labels, class_task, current, cfg.sample_shrink, generator)
