@@ -18,7 +18,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from .checkpoint import STATE_FILE, remove_path, rng_state, set_rng_state, sha256_file, write_folder
+from .checkpoint import STATE_FILE, remove_path, rng_state, seal_problem, set_rng_state, sha256_file, write_folder
 from .data.loaders import shuffle_generator
 from .errors import SlcaError
 from .finite import ADVICE, first_non_finite
@@ -112,6 +112,8 @@ class EpochCheckpoints:
             state = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError, UnicodeDecodeError) as exc:
             return None, f"{STATE_FILE} unreadable: {exc.__class__.__name__}"
+        if seal_problem(state) is not None:
+            return None, f"{STATE_FILE} {seal_problem(state)}"
         fields = ("identity", "task", "epoch", "losses", "sha256", "optimizer", "scheduler", "rng", "generator")
         if not isinstance(state, dict) or any(f not in state for f in fields):
             return None, f"{STATE_FILE} is not a mid-task state"

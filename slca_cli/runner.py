@@ -16,7 +16,8 @@ import torch
 from .backbones import get_backbone
 
 from .alignment import align_classifier
-from .checkpoint import atomic_write_json, atomic_write_text, complete_tasks, rng_state, save_task, set_rng_state
+from .checkpoint import atomic_write_json, atomic_write_text, complete_tasks, read_state, rng_state, save_task
+from .checkpoint import set_rng_state
 from .closed_form import shrink_class_covariances
 from .data import DatasetSplits
 from .data.loaders import PassLoaders, resolve_device_augment
@@ -212,8 +213,10 @@ def save_finished_task(run_dir: Path, task: int, cfg: RunConfig, model: Continua
              "metrics": {k: record[k] for k in ("accuracy_matrix", "task_accuracy", "last_acc", "inc_acc",
                                                "forgetting")},
              "seconds": point.seconds, "peak_memory_mb": point.memory, "train_loss": point.train_loss,
-             "rng": rng_state(), "data_fingerprint": header["data_fingerprint"]}
-    save_task(run_dir, task, model_tensors, stats_tensors, state)
+             "rng": rng_state(), "data_fingerprint": header["data_fingerprint"],
+             "previous_state_sha256": point.state_sha256}
+    final = save_task(run_dir, task, model_tensors, stats_tensors, state)
+    point.state_sha256 = read_state(final).raw["state_sha256"]
 
 
 def finished_tensors(model: ContinualModel, stage1_heads, means, chol, method_state, drift

@@ -333,3 +333,137 @@ def test_a_run_recorded_with_the_legacy_fingerprint_still_resumes(cli, tmp_path,
     code, _, err = cli("train", *args, "--resume")
     assert code == 0, err
     assert read_json(tmp_path / "run" / "seed-1993" / "task-02" / "state.json")["data_fingerprint"] == legacy
+
+
+# ---- 6: the JSON state has the integrity of the tensor files ----
+
+def _edit_json(path, change):
+    data = read_json(path)
+    change(data)
+    Path(path).write_text(json.dumps(data, indent=2) + "\n")
+
+
+def test_an_edited_task_state_is_detected_and_the_task_re_run(finished_run, cli, tmp_path):
+    run, _ = finished_run
+    copy = tmp_path / "run" / "seed-1993"
+    shutil.copytree(run, copy)
+    truth = read_json(run / "metrics.json")
+
+    def more_correct(state):
+        state["counts"][-1]["correct"][0] = state["counts"][-1]["total"][0]  # a valid but false count
+    _edit_json(copy / "task-02" / "state.json", more_correct)
+    code, out, err = cli("train", *TINY, "--tasks", 3, "--epochs", 1, "--num-classes", 9, "--out", tmp_path / "run",
+                         "--resume")
+    assert code == 0, err
+    assert "task-02" in out and "no longer matches its recorded state_sha256" in out
+    assert read_json(copy / "metrics.json")["task_accuracy"] == truth["task_accuracy"]
+    code, _, err = cli("eval", copy / "task-02", "--device", "cpu", "--no-progress")
+    assert code == 0, err
+
+
+def test_eval_refuses_an_edited_state(finished_run, cli, tmp_path):
+    run, _ = finished_run
+    shutil.copytree(run / "task-01", tmp_path / "task-01")
+    _edit_json(tmp_path / "task-01" / "state.json", lambda s: s["metrics"].update(last_acc=99.0))
+    code, _, err = cli("eval", tmp_path / "task-01", "--device", "cpu", "--no-progress")
+    assert_one_line_error(code, err, "state.json was edited or damaged", "state_sha256")
+
+
+def test_a_task_folder_from_another_run_breaks_the_chain(finished_run, tmp_path):
+    from slca_cli.checkpoint import complete_tasks
+    run, _ = finished_run
+    shutil.copytree(run, tmp_path / "a")
+    shutil.copytree(run, tmp_path / "b")
+    _edit_json(tmp_path / "b" / "task-01" / "state.json", lambda s: None)  # same content, resealed below
+    from slca_cli.checkpoint import state_digest
+    def reseal(state):
+        state["seconds"][0] += 1.0
+        state["state_sha256"] = state_digest(state)
+    _edit_json(tmp_path / "a" / "task-01" / "state.json", reseal)  # edited, and its checksum recomputed
+    count, warnings = complete_tasks(tmp_path / "a")
+    assert count == 1 and "task-02" in warnings[0] and "previous_state_sha256" in warnings[0]
+    assert complete_tasks(tmp_path / "b") == (3, [])
+
+
+def test_an_edited_mid_task_state_is_not_used(cli, tmp_path, monkeypatch):
+    from conftest import interrupt_at_task
+    out = tmp_path / "run"
+    args = [*SMALL, "--epochs", 2, "--checkpoint-every", 1, "--out", out]
+    import slca_cli.learner as learner
+    real = learner.TaskForward.forward
+    calls = []
+
+    def stop_in_epoch_2(self, images):  # Ctrl-C in the second epoch of task 1: in-progress/ holds epoch 1
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(self, images)
+
+    monkeypatch.setattr(learner.TaskForward, "forward", stop_in_epoch_2)
+    code, _, err = cli("train", *args)
+    assert code == 130 and (out / "seed-1993" / "in-progress" / "state.json").is_file(), err
+    monkeypatch.undo()
+    _edit_json(out / "seed-1993" / "in-progress" / "state.json", lambda s: s.update(losses=[0.0]))
+    code, stdout, err = cli("train", *args, "--resume")
+    assert code == 0, err
+    assert "in-progress is not used" in stdout and "state_sha256" in stdout
+
+
+def test_report_checks_metrics_json_against_the_task_folders(finished_run, cli, tmp_path):
+    run, _ = finished_run
+    shutil.copytree(run, tmp_path / "runs" / "x" / "seed-1993")
+    metrics = tmp_path / "runs" / "x" / "seed-1993" / "metrics.json"
+    truth = read_json(metrics)["last_acc"]
+    _edit_json(metrics, lambda m: m.update(last_acc=99.5))
+    code, out, err = cli("report", tmp_path / "runs", "--out", tmp_path / "report", "--no-figures", "--json")
+    assert code == 0, err
+    assert "disagrees with task-03/state.json on last_acc" in err
+    assert json.loads(out)["groups"][0]["last_acc"]["mean"] == pytest.approx(truth)
+    for task in ("task-01", "task-02", "task-03"):
+        shutil.rmtree(tmp_path / "runs" / "x" / "seed-1993" / task)
+    code, out, err = cli("report", tmp_path / "runs", "--out", tmp_path / "report", "--no-figures", "--json")
+    assert code == 0 and "cannot check" in err
+
+
+def test_an_old_run_folder_without_state_checksums_still_resumes_and_evaluates(finished_run, cli, tmp_path):
+    run, _ = finished_run
+    copy = tmp_path / "run" / "seed-1993"
+    shutil.copytree(run, copy)
+    for task in ("task-01", "task-02", "task-03"):
+        _edit_json(copy / task / "state.json", lambda s: [s.pop("state_sha256"), s.pop("previous_state_sha256")])
+    shutil.rmtree(copy / "task-03")
+    code, out, err = cli("train", *TINY, "--tasks", 3, "--epochs", 1, "--num-classes", 9, "--out", tmp_path / "run",
+                         "--resume")
+    assert code == 0 and "warning" not in out, err
+    assert read_json(copy / "metrics.json")["task_accuracy"] == read_json(run / "metrics.json")["task_accuracy"]
+    code, _, err = cli("eval", copy / "task-02", "--device", "cpu", "--no-progress")
+    assert code == 0, err
+
+
+# ---- 7: slca report on damaged runs ----
+
+@pytest.mark.parametrize("file, change", [
+    ("metrics.json", lambda d: d.update(task_accuracy="90")),
+    ("config.json", lambda d: d.update(config=["a", "b"])),
+    ("config.json", lambda d: d.update(seed="1993")),
+    ("config.json", lambda d: d["config"].update(task_sizes=3)),
+    ("metrics.json", lambda d: d.update(accuracy_matrix=[[1.0]])),
+    ("metrics.json", lambda d: d.update(last_acc="high")),
+])
+def test_report_skips_a_damaged_run_naming_it(finished_run, cli, tmp_path, file, change):
+    run, _ = finished_run
+    for name in ("good", "bad"):
+        shutil.copytree(run, tmp_path / "runs" / name / "seed-1993")
+    _edit_json(tmp_path / "runs" / "bad" / "seed-1993" / file, change)
+    code, out, err = cli("report", tmp_path / "runs", "--out", tmp_path / "report", "--no-figures")
+    assert code == 0, err
+    lines = [l for l in err.splitlines() if l.strip()]
+    assert len(lines) == 1 and "bad/seed-1993 is damaged" in lines[0] and "left out of the report" in lines[0], err
+    assert "good" not in err and "Traceback" not in err
+
+
+def test_report_with_out_naming_a_file(finished_run, cli, tmp_path):
+    run, _ = finished_run
+    (tmp_path / "file").write_text("x")
+    code, _, err = cli("report", run, "--out", tmp_path / "file", "--no-figures")
+    assert_one_line_error(code, err, "--out", "is a file")
