@@ -165,13 +165,15 @@ def find_seed_runs(paths: Iterable[Path], warn: Callable[[str], None] = print) -
             folder = metrics_file.parent
             if (folder / "config.json").is_file() and folder.resolve() not in found:
                 try:
-                    run = _read_run(folder, warn)
+                    run = _read_run(folder)
+                    if run.metrics.get("tasks_done", len(run.metrics["task_accuracy"])) < len(
+                            run.config["task_sizes"]):
+                        warn(f"warning: {folder} is unfinished ({len(run.metrics['task_accuracy'])} of "
+                             f"{len(run.config['task_sizes'])} tasks); left out of the report")
+                        continue
+                    run = _checked_metrics(run, warn)
                 except SlcaError as exc:  # one damaged run never hides the others
                     warn(f"warning: {exc}; left out of the report")
-                    continue
-                if run.metrics.get("tasks_done", len(run.metrics["task_accuracy"])) < len(run.config["task_sizes"]):
-                    warn(f"warning: {folder} is unfinished ({len(run.metrics['task_accuracy'])} of "
-                         f"{len(run.config['task_sizes'])} tasks); left out of the report")
                     continue
                 found[folder.resolve()] = run
     if not found:
@@ -180,19 +182,31 @@ def find_seed_runs(paths: Iterable[Path], warn: Callable[[str], None] = print) -
     return list(found.values())
 
 
-def _read_run(folder: Path, warn: Callable[[str], None] = print) -> SeedRun:
-    """One seed folder's config.json and metrics.json, every field the report uses checked (SlcaError naming the
-    folder and the field), and the metrics checked against the last task folder's state.json."""
+def _read_run(folder: Path) -> SeedRun:
+    """One seed folder's config.json and metrics.json: the config and the progress fields checked (SlcaError
+    naming the folder and the field); the metrics are checked by _checked_metrics."""
     header, metrics = _read_json(folder, "config.json"), _read_json(folder, "metrics.json")
     config = header.get("config") if isinstance(header, dict) else None
     if not isinstance(config, dict) or not isinstance(metrics, dict):
         raise SlcaError(f"{folder} is damaged (config.json's 'config' or metrics.json is not an object)")
     if "method" not in config or "task_sizes" not in config or "task_accuracy" not in metrics:
         raise SlcaError(f"{folder} is not an slca run folder (config.json or metrics.json lacks its fields)")
-    problem = config_problem(config) or metrics_problem(metrics, len(config["task_sizes"]))
+    problem = config_problem(config)
     seed = header.get("seed", metrics.get("seed", 0))
     if problem is None and not _is_int(seed):
         problem = "config.json: 'seed' is not an integer"
+    if problem is None and not (_numbers(metrics["task_accuracy"]) and _is_int(metrics.get("tasks_done", 0))):
+        problem = "metrics.json: 'task_accuracy' or 'tasks_done' is malformed"
+    if problem is not None:
+        raise SlcaError(f"{folder} is damaged ({problem})")
+    return SeedRun(folder, seed, config, metrics)
+
+
+def _checked_metrics(run: SeedRun, warn: Callable[[str], None]) -> SeedRun:
+    """A finished run's metrics: every field the report uses checked, the accuracies checked against the last task
+    folder's state.json, the probe's accuracy added where `slca probe` ran on the final model."""
+    folder, config, metrics = run.path, run.config, run.metrics
+    problem = metrics_problem(metrics, len(config["task_sizes"]))
     if problem is not None:
         raise SlcaError(f"{folder} is damaged ({problem})")
     metrics = checked_against_tasks(folder, dict(metrics, task_sizes=metrics.get("task_sizes", config["task_sizes"])),
@@ -206,7 +220,7 @@ def _read_run(folder: Path, warn: Callable[[str], None] = print) -> SeedRun:
         if isinstance(probe, dict) and probe.get("task") == len(metrics["task_accuracy"]) and _is_number(
                 probe.get("probe_accuracy")):
             metrics = dict(metrics, probe_accuracy=probe.get("probe_accuracy"))
-    return SeedRun(folder, seed, config, metrics)
+    return SeedRun(folder, run.seed, config, metrics)
 
 
 def _read_json(folder: Path, name: str) -> Any:
