@@ -81,10 +81,10 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 
 def writer_os_error(exc: SafetensorError, path: Path) -> OSError:
     """safetensors reports a failed write (disk full, read-only file system) as SafetensorError, not OSError; the
-    errno inside its message ("IoError(Os { code: 28, ... })") makes it the OSError the run's guard turns into a
-    one-line message naming the file."""
-    found = re.search(r"code:\s*(\d+)", str(exc))
-    code = int(found.group(1)) if found else errno.EIO
+    errno inside its message ("... (os error 28)", older versions "IoError(Os { code: 28, ... })") makes it the
+    OSError the run's guard turns into a one-line message naming the file."""
+    found = re.search(r"os error (\d+)|code:\s*(\d+)", str(exc))
+    code = int(found.group(1) or found.group(2)) if found else errno.EIO
     return OSError(code, os.strerror(code), str(path))
 
 

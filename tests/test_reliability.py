@@ -168,8 +168,7 @@ def _fail_tensor_writes(monkeypatch, code, after=0):
     def save(tensors, path, metadata=None):
         calls.append(path)
         if len(calls) > after:
-            raise SafetensorError(f'Error while serializing: IoError(Os {{ code: {code}, kind: StorageFull, '
-                                  f'message: "{os.strerror(code)}" }})')
+            raise SafetensorError(f"Error while serializing: I/O error: {os.strerror(code)} (os error {code})")
         return real(tensors, path, metadata=metadata)
 
     monkeypatch.setattr(checkpoint, "save_file", save)
@@ -467,3 +466,24 @@ def test_report_with_out_naming_a_file(finished_run, cli, tmp_path):
     (tmp_path / "file").write_text("x")
     code, _, err = cli("report", run, "--out", tmp_path / "file", "--no-figures")
     assert_one_line_error(code, err, "--out", "is a file")
+
+
+def test_a_really_full_disk(cli, tmp_path):
+    """The same on a real 600 KiB tmpfs (where mounting is allowed, e.g. as root): task-01 fits, task-02 does not."""
+    import subprocess
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    try:
+        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(disk)],
+                                 capture_output=True).returncode == 0
+    except OSError:
+        mounted = False
+    if not mounted:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        code, _, err = cli("train", *SMALL, "--out", disk / "run")
+        assert_one_line_error(code, err, "No space left on device", "task-02", "add --resume")
+        from slca_cli.checkpoint import verify_task
+        assert verify_task(disk / "run" / "seed-1993" / "task-01") is None
+    finally:
+        subprocess.run(["umount", str(disk)], capture_output=True)
