@@ -288,6 +288,79 @@ def eval_checkpoint(
                f"{result['stored_accuracy']:.2f}%)")
 
 
+@app.command("predict")
+@user_errors
+def predict_command(
+    checkpoint: Path = typer.Argument(..., help="A task-NN/ folder of a run, or a seed-*/ folder (its last task)."),
+    inputs: List[Path] = typer.Argument(..., help="Image files, folders (searched recursively) or .txt files "
+                                                  "listing image paths."),
+    top_k: int = typer.Option(5, help="Classes per image, most probable first."),
+    fmt: str = typer.Option("table", "--format", help="table, csv (one row per image and rank), json or jsonl."),
+    out: Optional[Path] = typer.Option(None, help="Write the predictions to this file instead of stdout."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    threads: Optional[int] = threads_option(),
+    batch_size: Optional[int] = typer.Option(None, help="Images per batch (default: twice the run's; does not "
+                                                        "change the result)."),
+    workers: Optional[int] = typer.Option(None, help="Image-decoding processes (default: the machine's cores)."),
+    progress: str = progress_option(),
+    no_progress: bool = no_progress_option(),
+):
+    """Predict classes of new images with a finished task's model: top-k class names, probabilities and the task
+    that introduced each class. Unreadable inputs are listed and the exit code is 1; the rest are predicted."""
+    from .checkpoint import atomic_write_text
+    from .predict import FORMATS, collect_inputs, format_predictions, predict_images, resolve_task_dir
+    from .threads import set_threads
+
+    set_threads(threads)
+    if fmt not in FORMATS:
+        raise SlcaError(f"--format must be one of {', '.join(FORMATS)}, got '{fmt}'")
+    task_dir = resolve_task_dir(checkpoint)
+    paths = collect_inputs(inputs)
+    state, results = predict_images(task_dir, paths, top_k=top_k, device=device, batch_size=batch_size,
+                                    workers=workers, show_progress=progress_mode(progress, no_progress))
+    header = {"checkpoint": str(task_dir), "task": state.task + 1, "classes": sum(state.seen_sizes)}
+    text = format_predictions(results, fmt, header)
+    if out is not None:
+        try:
+            atomic_write_text(out, text)
+        except OSError as exc:
+            raise SlcaError(f"cannot write --out {out} ({exc.strerror or exc.__class__.__name__}); choose a "
+                            f"writable path") from None
+    else:
+        typer.echo(text, nl=False)
+    failed = [r for r in results if r.error]
+    for r in failed:
+        typer.echo(f"warning: unreadable input, not predicted: {r.error}", err=True)
+    if failed:
+        typer.echo(f"predicted {len(results) - len(failed)} of {len(results)} inputs; {len(failed)} unreadable",
+                   err=True)
+        raise typer.Exit(1)
+
+
+@app.command("export")
+@user_errors
+def export_command(
+    checkpoint: Path = typer.Argument(..., help="A task-NN/ folder of a run, or a seed-*/ folder (its last task)."),
+    out: Path = typer.Option(..., help="Folder for the export (created; its files are replaced)."),
+    fmt: str = typer.Option("safetensors", "--format", help="safetensors (a timm model: model.safetensors + "
+                                                              "model.json) or onnx (needs slca[onnx])."),
+    threads: Optional[int] = threads_option(),
+):
+    """Export a finished task's model for use without slca: one classifier over every seen class, classes.json,
+    preprocessing.json; loads with torch and timm alone (README, "Export"), or as ONNX."""
+    from .export import export_checkpoint
+    from .predict import resolve_task_dir
+    from .threads import set_threads
+
+    set_threads(threads)
+    task_dir = resolve_task_dir(checkpoint)
+    record = export_checkpoint(task_dir, out, fmt)
+    typer.echo(f"exported {task_dir} (after task {record['task']}, {record['classes']} classes) as {fmt}; logits "
+               f"equal slca's within {record['max_logit_difference']:.1e}")
+    for path in record["files"]:
+        typer.echo(f"  {path}")
+
+
 @app.command("demo")
 @user_errors
 def demo_command(
@@ -418,7 +491,8 @@ def datasets_prepare(
     data_root: Optional[str] = typer.Option(None, help="The dataset's folder or archive (default: the cache "
                                                        "folder `slca datasets` shows)."),
     download: bool = typer.Option(True, "--download/--no-download",
-                                  help="Fetch what has a stable public address (CIFAR-100, ImageNet-R) if absent."),
+                                  help="Fetch the dataset if absent: CIFAR-100 and ImageNet-R from their "
+                                       "authors, CUB-200 and Cars-196 from their hub mirrors."),
     check_images: bool = typer.Option(True, "--check-images/--no-check-images",
                                       help="Decode every image and list the unreadable ones."),
     progress: str = progress_option(),

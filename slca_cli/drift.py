@@ -46,8 +46,9 @@ def compensate(drift: torch.Tensor, means: Sequence[torch.Tensor], factors: Sequ
 
 def drift_loaders(loaders, classes: Sequence[int], views: int, seed: int) -> list:
     """The passes whose features are paired before and after stage 1: the statistics pass and ``views`` train
-    passes, each drawn from its own seed (the same crops, flips and order both times)."""
-    return [loaders.statistics(classes)] + [loaders.train(classes, seed * 100 + v) for v in range(views)]
+    passes, each drawn from its own seed alone (the same crops, flips and order both times, and under any number of
+    processes: ``PassLoaders.train_views``)."""
+    return [loaders.statistics(classes)] + [loaders.train_views(classes, seed * 100 + v) for v in range(views)]
 
 
 def drift_features(model, passes, accelerator) -> List[torch.Tensor]:

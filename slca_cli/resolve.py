@@ -30,6 +30,8 @@ def resolve_run(dataset: str, backbone: str, method: str, flags: Dict[str, Any])
     num_classes = flags.pop("num_classes", None)
     split = task_split_request(dataset, flags.pop("tasks", None), flags.pop("init_classes", None),
                                flags.pop("increment", None))
+    from .data.prepare import fetch_if_absent
+    fetch_if_absent(dataset, flags.get("data_root"))
     data = load_dataset(dataset, flags.get("data_root"), num_classes, flags.get("train_per_class"),
                         flags.get("test_per_class"), bool(flags.get("skip_bad_images")))
     policy = get_method(method)

@@ -209,7 +209,8 @@ def save_finished_task(run_dir: Path, task: int, cfg: RunConfig, model: Continua
     if drift is not None:
         stats_tensors["drift"] = drift
     state = {"format": "slca-task", "version": 1, "task": task, "seed": header["seed"], "config": cfg.to_dict(),
-             "class_order": header["class_order"], "task_sizes": list(cfg.task_sizes), "counts": point.counts,
+             "class_order": header["class_order"], "class_names": header["class_names"],
+             "task_sizes": list(cfg.task_sizes), "counts": point.counts,
              "metrics": {k: record[k] for k in ("accuracy_matrix", "task_accuracy", "last_acc", "inc_acc",
                                                "forgetting")},
              "seconds": point.seconds, "peak_memory_mb": point.memory, "train_loss": point.train_loss,

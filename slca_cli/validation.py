@@ -120,6 +120,9 @@ def check_task_state(state: Any, path: Path) -> RunConfig:
     if not isinstance(order, list) or not all(_is_int(c) for c in order) or sorted(order) != list(
             range(cfg.num_classes)):
         raise bad("class_order")
+    names = state.get("class_names", [""] * cfg.num_classes)  # absent in runs written before names were stored
+    if not isinstance(names, list) or len(names) != cfg.num_classes or not all(isinstance(n, str) for n in names):
+        raise bad("class_names")
     counts = state.get("counts")
     if not isinstance(counts, list) or len(counts) != task + 1:
         raise bad("counts")

@@ -84,3 +84,25 @@ def write_image_tree(root: Path, classes, per_split=(4, 2), size=16, ext=".png")
                 pixels = (pixels + rng.integers(0, 20, pixels.shape)).astype(np.uint8)
                 Image.fromarray(pixels).save(folder / f"img_{i}{ext}")
     return root
+
+
+DIGIT_RUN = ["--dataset", "folder", "--backbone", "vit-tiny-test", "--device", "cpu", "--no-progress", "--tasks", 2,
+             "--epochs", 2]
+
+
+@pytest.fixture(scope="session")
+def digit_folders(tmp_path_factory):
+    """Digits 0-7 and, as a batch arriving later, 8-9, as train/<digit>/*.png and test/<digit>/*.png folders."""
+    from slca_cli.data.digits import write_digit_folders
+    root = tmp_path_factory.mktemp("digits")
+    return (write_digit_folders(root / "digits-0-7", range(8), 8, 4),
+            write_digit_folders(root / "digits-8-9", (8, 9), 8, 4))
+
+
+@pytest.fixture(scope="session")
+def digit_run(digit_folders, tmp_path_factory):
+    """A finished 2-task run on the digits 0-7 folder (shared by predict, export and continue tests: read only)."""
+    out = tmp_path_factory.mktemp("digit-run") / "run"
+    code, _, stderr = Cli()("train", *DIGIT_RUN, "--data-root", digit_folders[0], "--out", out)
+    assert code == 0, stderr
+    return out / "seed-1993"

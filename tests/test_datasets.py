@@ -25,8 +25,10 @@ FAKE_SPLIT_SHA256 = "3f2f563edbbd4d2786bd6e9c96ef7efba0478ba576863ef0236458c9c2d
 
 @pytest.fixture(autouse=True)
 def data_cache(tmp_path, monkeypatch):
-    """Extracted archives and default data roots go to a temporary folder, never to ~/.cache."""
+    """Extracted archives and default data roots go to a temporary folder, never to ~/.cache; the hub mirrors of
+    CUB and Cars are never reached (tests/test_hub_mirrors.py serves them locally)."""
     monkeypatch.setenv("SLCA_DATA_ROOT", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
     return tmp_path / "cache"
 
 

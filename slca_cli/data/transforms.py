@@ -35,6 +35,22 @@ def build_transforms(style: str, image_size: int, mean: Sequence[float],
     return T.Compose(train + normalize), T.Compose(test + normalize)
 
 
+def build_test_transform(style: str, image_size: int, mean: Sequence[float], std: Sequence[float],
+                         uint8: bool = False) -> Callable:
+    """The test transform of ``style`` for PIL images (``slca predict`` on new files). Generated (``tensor``)
+    data has no files: its images are resized to the run's size and normalized as its test transform does."""
+    if style == "tensor":
+        steps = [T.Resize((image_size, image_size), interpolation=BICUBIC)]
+        return T.Compose(steps + ([T.PILToTensor()] if uint8 else [T.ToTensor(), T.Normalize(mean, std)]))
+    return build_transforms(style, image_size, mean, std, uint8)[1]
+
+
+def test_geometry(style: str, image_size: int) -> dict:
+    """Resize (shorter side, bicubic) and centre crop of the test transform, for an exported model."""
+    resize = image_size if style == "tensor" else _test_resize(image_size)
+    return {"resize": resize, "crop": image_size, "interpolation": "bicubic"}
+
+
 def build_tensor_transforms(image_size: int, native_size: int, mean: Sequence[float],
                             std: Sequence[float]) -> Tuple[Callable, Callable]:
     """(train, test) transforms for float image tensors in [0, 1] (generated data)."""
