@@ -543,6 +543,8 @@ def _run_app() -> None:
         os.execv(command.argv[0], command.argv)
     succeeded = False
     try:
+        from .stages import mark
+        mark("command")  # `slca train` marks its own steps
         app()
         succeeded = True
     except SystemExit as exc:
