@@ -160,49 +160,9 @@ def stored_data_root(cfg: RunConfig, state_path: Path) -> Union[str, None]:
 
 
 # The allowed range of every numeric RunConfig setting, whether it comes from a flag or a preset (checked once, in
-# check_bounds). min / max: inclusive bounds; above: an exclusive lower bound. Floats must also be finite; None
-# (where the field allows it) means "off" and is not checked; tuples are checked element by element. say: how the
-# error words the rule, where the bounds alone would not tell what the number means.
-BOUNDS: Dict[str, Dict[str, Any]] = {
-    "epochs": {"min": 1},
-    "lr_drop_epoch": {"min": 1, "say": "an epoch >= 1 (a drop at or after --epochs never happens; leave the flag "
-                                       "out for the preset)"},
-    "batch_size": {"min": 1},
-    "lr_backbone": {"min": 0.0},
-    "lr_head": {"above": 0.0},
-    "momentum": {"min": 0.0, "max": 1.0},
-    "weight_decay": {"min": 0.0},
-    "ca_epochs": {"min": 0},
-    "ca_samples": {"min": 1},
-    "ca_lr": {"above": 0.0},
-    "ca_batch_size": {"min": 1},
-    "tau": {"min": 1e-3},  # logits / tau: much smaller temperatures overflow the alignment in float32
-    "cov_ridge": {"above": 0.0},
-    "image_size": {"min": 1},
-    "mean": {},
-    "std": {"above": 0.0},
-    "train_per_class": {"min": 1},
-    "test_per_class": {"min": 1},
-    "min_lr": {"min": 0.0},
-    "grad_clip": {"above": 0.0},
-    "sce_a": {"min": 0.0},
-    "sce_b": {"min": 0.0},
-    "lora_rank": {"min": 0},
-    "lora_scale": {"min": 0.0},
-    "lr_lora": {"min": 0.0},
-    "lr_lora_first": {"min": 0.0},
-    "sample_shrink": {"min": 0.0},
-    "prompt_pool": {"min": 1},
-    "prompt_length": {"min": 1},
-    "prompt_top_k": {"min": 1},
-    "g_prompt_length": {"min": 1},
-    "matching_weight": {"min": 0.0},
-    "drift_views": {"min": 0},
-    "drift_ridge": {"above": 0.0},
-    "ranpac_dim": {"min": 1},
-    "workers": {"min": 0},
-    "checkpoint_every": {"min": 0, "say": "0 (off) or a number of epochs"},
-}
+# check_bounds), as each field declares it (presets.option / presets.setting ``bounds``).
+BOUNDS: Dict[str, Dict[str, Any]] = {f.name: dict(f.metadata["bounds"]) for f in dataclasses.fields(RunConfig)
+                                     if "bounds" in f.metadata}
 # Flags of `slca train` that are not RunConfig settings, with the same kind of rule.
 SEED_BOUNDS: Dict[str, Any] = {"min": 0, "max": 2 ** 32 - 1}  # NumPy seeds the class order: 0 .. 2^32 - 1
 
