@@ -6,12 +6,12 @@ from __future__ import annotations
 import copy
 import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Tuple
 
 import torch
 from torch import nn
 
-from .checkpoint import MODEL_FILE, TaskState, atomic_write_json, sha256_file
+from .checkpoint import MODEL_FILE, TaskState, atomic_write_json
 from .data import dataset_transform_style
 from .data.transforms import test_geometry
 from .errors import SlcaError

@@ -46,7 +46,7 @@ def run_seed(cfg: RunConfig, seed: int, run_dir: Path, accelerator, data: Datase
     """One seed of one experiment, task by task; returns the final metrics record. With ``cfg.checkpoint_every``
     N > 0 the task being trained is also saved every N epochs (midtask.py)."""
     method = get_method(cfg.method)
-    order = class_order(data.num_classes, seed)
+    order = data.class_order or class_order(data.num_classes, seed)
     run_dir.mkdir(parents=True, exist_ok=True)
     point = find_resume_point(run_dir, cfg, log) if resume else fresh_start(run_dir)
     if point.last is not None:  # a resumed model comes from its checkpoint, without the pre-trained weights
@@ -61,6 +61,8 @@ def run_seed(cfg: RunConfig, seed: int, run_dir: Path, accelerator, data: Datase
     cfg = cfg.replace(device_augment=resolve_device_augment(cfg.device_augment, data, device, cfg.image_size, log))
     run = RunIdentity(seed, order, data.fingerprint(), cfg)
     header = run_header(run, data.class_names)
+    if data.sources:  # a continued run (grow.py): where each task's classes came from
+        header["sources"] = data.sources
     if point.last is not None:
         run.check_continues(point.last[0].raw, point.last[0].task_dir)
     epoch_checkpoints = EpochCheckpoints(run_dir, cfg.checkpoint_every, run, log, accelerator.is_main_process)
@@ -201,6 +203,7 @@ def save_finished_task(run_dir: Path, task: int, cfg: RunConfig, model: Continua
         stats_tensors["drift"] = drift
     state = {"format": "slca-task", "version": 1, "task": task, "seed": header["seed"], "config": cfg.to_dict(),
              "class_order": header["class_order"], "class_names": header["class_names"],
+             **({"sources": header["sources"]} if "sources" in header else {}),
              "task_sizes": list(cfg.task_sizes), "counts": point.counts,
              "metrics": {k: record[k] for k in ("accuracy_matrix", "task_accuracy", "last_acc", "inc_acc",
                                                "forgetting")},
