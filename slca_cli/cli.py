@@ -527,7 +527,8 @@ def datasets_prepare(
     data_root: Optional[str] = typer.Option(None, help="The dataset's folder or archive (default: the cache "
                                                        "folder `slca datasets` shows)."),
     download: bool = typer.Option(True, "--download/--no-download",
-                                  help="Fetch what has a stable public address (CIFAR-100, ImageNet-R) if absent."),
+                                  help="Fetch the dataset if absent: CIFAR-100 and ImageNet-R from their "
+                                       "authors, CUB-200 and Cars-196 from their hub mirrors."),
     check_images: bool = typer.Option(True, "--check-images/--no-check-images",
                                       help="Decode every image and list the unreadable ones."),
     progress: str = progress_option(),

@@ -1,6 +1,7 @@
 """How stage 1 optimizes one task: parameter groups, optimizer, schedule, loss, clipping, frozen modules."""
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
@@ -49,7 +50,7 @@ class TrainingRecipe:
         """(optimizer, per-epoch scheduler)."""
         epochs = self.epochs
         groups = [dict(g, params=list(g["params"])) for g in self.groups if len(list(g["params"]))]
-        fused = fused_supported(groups)
+        fused = fused_supported(groups, self.optimizer)
         if self.optimizer == "sgd":
             optimizer = torch.optim.SGD(groups, lr=groups[0]["lr"], momentum=self.momentum,
                                         weight_decay=self.weight_decay, **fused)
@@ -71,10 +72,28 @@ class TrainingRecipe:
         return optimizer, schedule
 
 
-def fused_supported(groups: List[Dict[str, Any]]) -> Dict[str, bool]:
+def fused_supported(groups: List[Dict[str, Any]], optimizer: str = "sgd") -> Dict[str, bool]:
     """``{"fused": True}`` when every parameter is a floating-point CUDA tensor (one kernel per step for all
-    parameters), else nothing: CPU runs keep the default implementation, so their results stay as they were."""
+    parameters) and this torch has the fused ``optimizer`` there, else nothing: CPU runs keep the default
+    implementation, so their results stay as they were."""
     params = [p for g in groups for p in g["params"]]
-    if params and all(p.is_cuda and p.is_floating_point() for p in params):
+    if params and all(p.is_cuda and p.is_floating_point() for p in params) \
+            and fused_optimizer_supported(optimizer, params[0].device):
         return {"fused": True}
     return {}
+
+
+@functools.lru_cache(maxsize=None)
+def fused_optimizer_supported(optimizer: str, device: torch.device) -> bool:
+    """Whether this torch builds and steps the fused kernel of ``optimizer`` (sgd, adam) on ``device``: torch>=2.1
+    is allowed, and ``SGD(fused=True)`` is younger than that (an unknown keyword there, a RuntimeError where a
+    device has no kernel)."""
+    make = {"sgd": lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, fused=True),
+            "adam": lambda ps: torch.optim.Adam(ps, lr=0.1, fused=True)}[optimizer]
+    try:
+        param = nn.Parameter(torch.ones(2, device=device))
+        param.grad = torch.ones_like(param)
+        make([param]).step()
+    except (TypeError, RuntimeError, ValueError):
+        return False
+    return True

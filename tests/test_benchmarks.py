@@ -49,3 +49,20 @@ def test_data_benchmark_runs_on_a_small_tree(tmp_path):
     assert "fine-grained train" in stdout
     result = json.loads((tmp_path / "bench_data-cpu.json").read_text())
     assert result["images"] == 12 and all(v > 0 for v in result["images_per_s_per_core"].values())
+
+
+def test_gpu_check_smoke_runs_every_stage_on_the_cpu(tmp_path):
+    """benchmarks/gpu_check.py is what a lent GPU runs; its --smoke mode runs the same stages through the same
+    APIs at toy sizes, so a change that breaks the check breaks this test instead of the GPU session."""
+    sys.path.insert(0, str(REPO))
+    from benchmarks.gpu_check import STAGES
+    stdout = run_script("gpu_check.py", "--smoke", "--work", tmp_path / "work", "--out", tmp_path)
+    result = json.loads((tmp_path / "gpu_check-cpu.json").read_text())
+    assert list(result["stages"]) == list(STAGES)
+    assert {name: r["status"] for name, r in result["stages"].items()} == {name: "ok" for name in STAGES}
+    stages = result["stages"]
+    assert stages["end_to_end"]["resumed_mid_task"] and stages["end_to_end"]["eval_matches_stored"]
+    assert {"fit", "statistics", "align", "evaluate", "save"} <= set(stages["end_to_end"]["stage_seconds"])
+    assert stages["imagenet_r"]["device_augment"] and stages["imagenet_r"]["drift_stored"]
+    assert stages["train_step"]["bf16-compile"]["images_per_s"] > 0 and stages["data_supply"]["images"] > 0
+    assert "host_syncs" in stdout.split("stage")[-1]  # the table closes the output

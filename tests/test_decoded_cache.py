@@ -291,6 +291,34 @@ def test_fused_optimizer_only_on_cuda_parameters():
     assert fused_supported([{"params": [torch.nn.Parameter(torch.ones(2))]}]) == {}  # CPU: the default kernels
 
 
+def test_fused_kernels_are_used_only_where_this_torch_has_them(monkeypatch):
+    """torch>=2.1 is allowed and SGD(fused=True) is younger: an optimizer without the keyword (or the kernel) means
+    the default implementation, not a TypeError at the first task on a GPU."""
+    import slca_cli.recipe as recipe
+
+    class CudaLike:  # what fused_supported reads of a CUDA parameter
+        is_cuda, device = True, torch.device("cpu")
+
+        def is_floating_point(self):
+            return True
+
+    class OldSGD(torch.optim.SGD):
+        def __init__(self, params, fused=None, **kwargs):
+            if fused is not None:
+                raise TypeError("SGD.__init__() got an unexpected keyword argument 'fused'")
+            super().__init__(params, **kwargs)
+
+    groups = [{"params": [CudaLike()]}]
+    recipe.fused_optimizer_supported.cache_clear()
+    monkeypatch.setattr(torch.optim, "SGD", OldSGD)
+    assert recipe.fused_optimizer_supported("sgd", torch.device("cpu")) is False
+    assert recipe.fused_supported(groups, "sgd") == {}
+    monkeypatch.undo()
+    recipe.fused_optimizer_supported.cache_clear()
+    monkeypatch.setattr(recipe, "fused_optimizer_supported", lambda name, device: True)
+    assert recipe.fused_supported(groups, "sgd") == {"fused": True}
+
+
 def test_host_batches_are_uint8_and_normalize_on_the_device_to_the_float_path(tmp_path):
     """The host path sends uint8 (a quarter of the bytes through pinned memory) and normalizes after the copy:
     the same numbers as ToTensor + Normalize on the host."""

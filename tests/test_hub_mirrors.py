@@ -14,10 +14,11 @@ import pytest
 
 from slca_cli.data import cars196, cub200, load_dataset
 from slca_cli.data.cars196 import class_key
-from slca_cli.data.hub_mirror import RECORD_FILE, list_checksum
+from slca_cli.data.class_names import CARS196, CUB200
+from slca_cli.data.hub_mirror import RECORD_FILE, list_checksum, name_key, safe_file_name
 
 from conftest import assert_one_line_error
-from fake_datasets import cars_class_names, image_bytes
+from fake_datasets import image_bytes
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
@@ -131,7 +132,28 @@ class Hub:
 
 
 def cub_names():
-    return [f"Bird {c + 1}" for c in range(200)]   # as a mirror may spell them: no number, spaces
+    return [name.replace("_", " ") for name in CUB200]   # as a mirror may spell them: no number, spaces
+
+
+def cars_names():
+    return [name.lower() for name in CARS196]   # lower case: sorted as they are, the class ids would change
+
+
+def official_cub(label):
+    return f"{label + 1:03d}.{CUB200[label]}"
+
+
+def test_a_mirror_file_name_never_leaves_its_class_folder():
+    assert [safe_file_name(p) for p in ("../../x.jpg", "a\\b.jpg", "..", ".hidden", "a\nb.jpg", None)] == \
+        ["x.jpg", "b.jpg", None, None, None, None]
+
+
+def test_the_official_names_are_distinct_under_loose_comparison():
+    assert len(CUB200) == 200 and len(CARS196) == 196
+    for names in (CUB200, CARS196):
+        assert len({name_key(n) for n in names}) == len(names)
+    assert name_key("Brewer's Blackbird") == name_key("009.Brewer_Blackbird")
+    assert name_key("2000 AM General Hummer SUV") == name_key(CARS196[0])
 
 
 @pytest.fixture
@@ -160,7 +182,7 @@ def test_cub200_fetched_checked_and_laid_out_in_the_official_layout(hub, tmp_pat
     mirror = use_mirror(monkeypatch, cub200)
     rows = tiny_mirror(hub.folder, mirror, cub_names())
     # The checksum the tiny copy must have: its (split, images.txt path, class) list.
-    expected = list_checksum([(split, f"images/{label + 1:03d}.Bird_{label + 1}/{name}", f"{label + 1:03d}.Bird_{label + 1}")
+    expected = list_checksum([(split, f"images/{official_cub(label)}/{name}", official_cub(label))
                               for split in ("train", "test") for name, _, label in rows[split]])
     use_mirror(monkeypatch, cub200, list_sha256=expected)
     code, out, err = cli("datasets", "prepare", "cub200", "--no-progress")
@@ -174,9 +196,9 @@ def test_cub200_fetched_checked_and_laid_out_in_the_official_layout(hub, tmp_pat
     assert record["list_sha256"] == expected and record["list_sha256_checked"] and record["train"] == 200
     data = load_dataset("cub200", None)
     assert data.layout.startswith("official CUB_200_2011")
-    # Official class ids: the mirror's label k is class folder k+1, rank k; its bytes are written untouched.
-    assert data.class_names[:2] == ["001.Bird_1", "002.Bird_2"]
-    assert data.train.describe(7) == "images/008.Bird_8/train_007_0.jpg" and data.train.labels[7] == 7
+    # Official class ids and names: the mirror's label k is classes.txt's class k+1; its bytes are written untouched.
+    assert data.class_names == [official_cub(k) for k in range(200)]
+    assert data.train.describe(7) == "images/008.Rhinoceros_Auklet/train_007_0.jpg" and data.train.labels[7] == 7
     assert data.test.files[3].read_bytes() == rows["test"][3][1]
     # A second prepare finds the data and downloads nothing.
     before = len(hub.gets())
@@ -194,9 +216,16 @@ def test_a_mirror_with_another_split_or_list_is_refused(hub, tmp_path, cli, monk
     assert_one_line_error(code, err, "bentrevett/caltech-ucsd-birds-200-2011", "not the official cub200 split",
                           "203 train / 197 test", "200 / 200")
     assert not (tmp_path / "data" / "cub200" / "CUB_200_2011").exists()
+    swapped = cub_names()
+    swapped[3], swapped[4] = swapped[4], swapped[3]
+    tiny_mirror(hub.folder, mirror, swapped)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub-cache-2"))
+    code, _, err = cli("datasets", "prepare", "cub200", "--no-progress")
+    assert_one_line_error(code, err, "its class 3 is 'Crested Auklet', the official class 4 is '004.Groove_billed_Ani'",
+                          "not the official ones in the official order")
     tiny_mirror(hub.folder, mirror, cub_names())
     use_mirror(monkeypatch, cub200, list_sha256="0" * 64)
-    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub-cache-2"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub-cache-3"))
     code, _, err = cli("datasets", "prepare", "cub200", "--no-progress")
     assert_one_line_error(code, err, "checksum", "the mirror changed: refusing it")
     assert [p.name for p in (tmp_path / "data" / "cub200").iterdir()] == []   # no partial folder left
@@ -204,8 +233,7 @@ def test_a_mirror_with_another_split_or_list_is_refused(hub, tmp_path, cli, monk
 
 def test_cars196_download_cut_halfway_resumes_and_gives_the_devkit_class_ids(hub, tmp_path, cli, monkeypatch):
     mirror = use_mirror(monkeypatch, cars196)
-    names = cars_class_names()
-    rows = tiny_mirror(hub.folder, mirror, names, with_paths=False)
+    rows = tiny_mirror(hub.folder, mirror, cars_names(), with_paths=False)
     hub.cut = set(mirror.all_files())
     # Small reads, so that the first part of a shard is on disk before the cut (the hub reads 10 MB at a time).
     monkeypatch.setattr("huggingface_hub.constants.DOWNLOAD_CHUNK_SIZE", 1024)
@@ -218,9 +246,11 @@ def test_cars196_download_cut_halfway_resumes_and_gives_the_devkit_class_ids(hub
         assert len(ranges) == 2 and ranges[0] is None and ranges[1].startswith("bytes="), (shard, hub.log)
     data = load_dataset("cars196", None)
     assert data.layout.startswith("devkit")
-    assert data.class_names == sorted(class_key(n) for n in names) and "Ram C-V Cargo Van Minivan 2012" in data.class_names
+    # The devkit's ids (its names sorted, "/" as "-"), though the mirror spells every name in lower case.
+    assert data.class_names == sorted(class_key(n) for n in CARS196)
+    assert data.class_names[0] == "AM General Hummer SUV 2000" and data.class_names[-1] == "smart fortwo Convertible 2012"
     label = rows["train"][5][2]
-    assert data.class_names[data.train.labels[5]] == class_key(names[label])
+    assert data.class_names[data.train.labels[5]] == class_key(CARS196[label])
     assert data.train.describe(0) == "cars_train/00001.jpg" and data.test.describe(195) == "cars_test/00196.jpg"
 
 
@@ -238,7 +268,7 @@ def test_a_failed_file_is_fetched_by_the_next_prepare_and_only_it(hub, tmp_path,
     assert code == 0, err
     fetched_again = [f for f in mirror.all_files() if len(hub.gets(f)) > got_before[f]]
     assert broken in fetched_again and mirror.files["train"][0] not in fetched_again
-    assert load_dataset("cub200", None).class_names[199] == "200.Bird_200"
+    assert load_dataset("cub200", None).class_names[199] == "200.Common_Yellowthroat"
 
 
 @pytest.mark.parametrize("variable", ["SLCA_OFFLINE", "HF_HUB_OFFLINE"])
@@ -266,7 +296,7 @@ def test_no_network_names_the_files_to_place(tmp_path, cli, monkeypatch):
 
 def test_train_on_a_fresh_machine_fetches_the_benchmark_first(hub, tmp_path, cli, monkeypatch):
     mirror = use_mirror(monkeypatch, cars196)
-    tiny_mirror(hub.folder, mirror, cars_class_names())
+    tiny_mirror(hub.folder, mirror, cars_names())
     out = tmp_path / "run"
     code, _, err = cli("train", "--dataset", "cars196", "--backbone", "vit-tiny-test", "--device", "cpu", "--epochs", 1,
                        "--train-per-class", 1, "--test-per-class", 1, "--workers", 0, "--ca-samples", 4,

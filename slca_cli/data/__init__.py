@@ -66,9 +66,11 @@ DATASETS: Dict[str, DatasetInfo] = {
                               "(24,000 / 6,000)", imagenet_r.LAYOUT, True, _on_disk(imagenet_r.imagenet_r_splits),
                               (200, 24_000, 6_000)),
     "cub200": DatasetInfo("cub200", "Split CUB-200-2011: 200 classes, 10 tasks of 20, official split "
-                          "(5,994 / 5,794)", cub200.LAYOUT, True, _on_disk(cub200.cub200_splits), (200, 5_994, 5_794)),
+                          "(5,994 / 5,794)", cub200.LAYOUT + "; fetched from its hub mirror when online", True,
+                          _on_disk(cub200.cub200_splits), (200, 5_994, 5_794)),
     "cars196": DatasetInfo("cars196", "Split Cars-196: 196 classes, 9 tasks of 20 + 16, official split "
-                           "(8,144 / 8,041)", cars196.LAYOUT, True, _on_disk(cars196.cars196_splits), (196, 8_144, 8_041)),
+                           "(8,144 / 8,041)", cars196.LAYOUT + "; fetched from its hub mirror when online", True,
+                           _on_disk(cars196.cars196_splits), (196, 8_144, 8_041)),
     "digits": DatasetInfo("digits", "scikit-learn's handwritten digits: 1,797 real 8x8 images, 10 classes "
                           "(about 1,200 train / 600 test), shipped inside scikit-learn", "nothing to download: "
                           "read from the installed scikit-learn", False, _digits),

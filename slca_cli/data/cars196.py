@@ -14,6 +14,7 @@ import numpy as np
 from ..errors import SlcaError
 from .archives import locate_dataset
 from .base import DatasetSplits, check_class_count, file_splits, has_split_folders, image_folder_splits
+from .class_names import CARS196
 from .hub_mirror import Mirror, Row, image_suffix
 
 NUM_CLASSES = 196
@@ -29,7 +30,7 @@ FOLDER = "stanford_cars"
 MIRROR = Mirror("cars196", "isaacchung/StanfordCars", "09ffe9bc7864d3f1e851529e5c4b7e05601a04fb",
                 {"train": ("data/train-00000-of-00002.parquet", "data/train-00001-of-00002.parquet"),
                  "test": ("data/test-00000-of-00002.parquet", "data/test-00001-of-00002.parquet")},
-                (NUM_CLASSES, 8_144, 8_041), size="about 2.0 GB")
+                (NUM_CLASSES, 8_144, 8_041), class_names=CARS196, size="about 2.0 GB")
 
 
 def class_key(name: str) -> str:
@@ -125,8 +126,8 @@ def _struct_table(fnames: Sequence[str], classes: Sequence[int]):
 
 
 def write_devkit_layout(folder: Path, names: List[str], rows: Iterator[Row]) -> List[Tuple[str, str, str]]:
-    """The mirror's rows as the devkit layout in ``folder``: devkit/cars_meta.mat (the mirror's class names, in its
-    label order), devkit/cars_train_annos.mat, cars_test_annos_withlabels.mat, cars_train/, cars_test/. Images keep
+    """The mirror's rows as the devkit layout in ``folder``: devkit/cars_meta.mat (``names``: the devkit's names of
+    the mirror's labels, checked by hub_mirror.official_names), devkit/cars_train_annos.mat, cars_test_annos_withlabels.mat, cars_train/, cars_test/. Images keep
     the mirror's file names, else are numbered 00001.jpg on per split in the mirror's order, as the devkit numbers
     them. Returns the (split, path, class) list."""
     from scipy.io import savemat

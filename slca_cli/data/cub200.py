@@ -1,13 +1,13 @@
 """CUB-200-2011: 200 bird classes, the official train_test_split.txt (5,994 train / 5,794 test images)."""
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Tuple
 
 from ..errors import SlcaError
 from .archives import locate_dataset
 from .base import DatasetSplits, check_class_count, file_splits, has_split_folders, image_folder_splits
+from .class_names import CUB200
 from .hub_mirror import Mirror, Row, image_suffix
 
 NUM_CLASSES = 200
@@ -24,7 +24,8 @@ FOLDER = "CUB_200_2011"
 MIRROR = Mirror("cub200", "bentrevett/caltech-ucsd-birds-200-2011", "1ef09e021b0b65b40337f6f285909656f407f6e0",
                 {"train": ("data/train-00000-of-00002.parquet", "data/train-00001-of-00002.parquet"),
                  "test": ("data/test-00000-of-00002.parquet", "data/test-00001-of-00002.parquet")},
-                (NUM_CLASSES, 5_994, 5_794), size="about 1.1 GB")
+                (NUM_CLASSES, 5_994, 5_794), class_names=tuple(f"{k:03d}.{name}" for k, name in enumerate(CUB200, 1)),
+                size="about 1.1 GB")
 
 
 def read_id_table(path: Path) -> Dict[int, str]:
@@ -77,21 +78,12 @@ def official_splits(folder: Path, train_per_class: Optional[int], test_per_class
                        "official CUB_200_2011 (images.txt + train_test_split.txt)")
 
 
-def class_folder(label: int, name: str) -> str:
-    """The official folder name (``001.Black_footed_Albatross``) of the mirror's class ``label``: its name when it
-    already carries the number, else the number (label + 1, the classes.txt order) and the name, spaces as ``_``.
-    The number alone fixes the class id, so the ids are the official ones whatever the mirror's spelling."""
-    name = name.strip().replace(" ", "_")
-    return name if re.match(r"^\d{3}\.", name) else f"{label + 1:03d}.{name}"
-
-
 def write_official_layout(folder: Path, names: List[str], rows: Iterator[Row]) -> List[Tuple[str, str, str]]:
     """The mirror's rows as ``folder`` = CUB_200_2011/: images/<class>/<file> and the four metadata files, image
     ids numbered train rows first, then test rows, each in the mirror's order (so the loader lists each split in the
-    mirror's order). Returns the (split, images.txt path, class) list."""
-    classes = [class_folder(label, name) for label, name in enumerate(names)]
-    if len(set(classes)) != len(classes):
-        raise SlcaError(f"{MIRROR.where}: its class names are not unique once numbered; the mirror changed")
+    mirror's order). ``names``: the official folder names of the mirror's labels (checked against classes.txt's by
+    hub_mirror.official_names). Returns the (split, images.txt path, class) list."""
+    classes = list(names)
     entries, seen = [], set()
     for row in rows:
         fname = row.filename or f"{row.split}_{row.index:05d}{image_suffix(row.data)}"

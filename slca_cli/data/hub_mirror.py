@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ class Mirror:
     files: Dict[str, Tuple[str, ...]]          # split -> parquet shards in the repo, in order
     expected: Tuple[int, int, int]             # (classes, train images, test images)
     list_sha256: Optional[str] = None
+    class_names: Tuple[str, ...] = ()         # the official names of the mirror's labels 0, 1, ... (checked)
     image_column: str = "image"
     label_column: str = "label"
     size: str = ""                             # for messages: about how much is downloaded
@@ -182,6 +184,27 @@ def columns_of(mirror: Mirror, shard: Path) -> Tuple[str, str, List[str]]:
     return image, label, [str(n) for n in names]
 
 
+def name_key(name: str) -> Tuple[str, ...]:
+    """A class name compared loosely: without a CUB number prefix, case, punctuation, a possessive 's' or word
+    order ("Brewer's blackbird" is 009.Brewer_Blackbird, "2000 AM General Hummer SUV" the devkit's "AM General
+    Hummer SUV 2000"); distinct for every official class."""
+    name = re.sub(r"^\d+\.", "", name.strip()).lower()
+    return tuple(sorted(t for t in re.findall(r"[a-z0-9]+", name) if t != "s"))
+
+
+def official_names(mirror: Mirror, names: Sequence[str]) -> List[str]:
+    """The official names of the mirror's labels, after checking that label k is the official class k: a mirror
+    with other classes, or the official ones in another order, would change every class id, and is refused."""
+    if not mirror.class_names:
+        return list(names)
+    for label, (got, want) in enumerate(zip(names, mirror.class_names)):
+        if name_key(got) != name_key(want):
+            raise SlcaError(f"{mirror.where}: its class {label} is '{got}', the official class {label + 1} is "
+                            f"'{want}': its classes are not the official ones in the official order; refusing it "
+                            f"(put the official files in the data folder instead)")
+    return list(mirror.class_names)
+
+
 def split_counts(mirror: Mirror, shards: Dict[str, Path]) -> Dict[str, int]:
     pq = _parquet()
     return {split: sum(pq.ParquetFile(shards[f]).metadata.num_rows for f in mirror.files[split])
@@ -218,8 +241,17 @@ def read_rows(mirror: Mirror, shards: Dict[str, Path], columns: Tuple[str, str])
                     if not data or label is None:
                         raise SlcaError(f"{mirror.where}: row {index} of {split} has no image bytes or no label; "
                                         f"the mirror is damaged: delete it from the hub cache and prepare again")
-                    yield Row(split, index, bytes(data), int(label), os.path.basename(path) if path else None)
+                    yield Row(split, index, bytes(data), int(label), safe_file_name(path))
                     index += 1
+
+
+def safe_file_name(path: Optional[str]) -> Optional[str]:
+    """The original file name a row kept, if it can be written as it is inside a class folder (no folders, not
+    hidden, no control characters); else None and the image is numbered."""
+    name = os.path.basename((path or "").replace("\\", "/"))
+    if not name or name.startswith(".") or any(ord(c) < 32 for c in name):
+        return None
+    return name
 
 
 def image_suffix(data: bytes) -> str:
@@ -269,6 +301,7 @@ def fetch_from_mirror(mirror: Mirror, root: Path, folder_name: str, write: Layou
     shards = download_shards(mirror, root, manual, show_progress, echo)
     image_column, label_column, names = columns_of(mirror, shards[mirror.files["train"][0]])
     check_counts(mirror, len(names), split_counts(mirror, shards))
+    names = official_names(mirror, names)
     partial = root / f".{folder_name}.partial-{os.getpid()}"
     try:
         root.mkdir(parents=True, exist_ok=True)
