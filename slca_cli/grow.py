@@ -231,6 +231,9 @@ def plan_continuation(run: Path, new_folder: Path, out_dir: Path, *, execution: 
     check_target(seed_dir, out_dir)
     cfg = last.config
     style = TRANSFORM_STYLES[run_sources(last)[0]["dataset"]]
+    if style == "tensor":
+        raise SlcaError(f"{seed_dir} was trained on generated data (--dataset synthetic), whose transforms take no "
+                        f"image files; continue a run trained on images")
     learned = class_names_of(last)
     batch, checksums = new_batch(new_folder, learned, style)
     grown = grown_config(cfg, batch.num_classes, execution)

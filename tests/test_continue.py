@@ -133,3 +133,16 @@ def test_old_classes_without_their_test_images_say_what_was_scored(digit_folders
     assert [s["scored"] for s in state["sources"]] == [False, True]
     code, stdout, stderr = cli("eval", tmp_path / "more" / "seed-1993" / "task-03", "--json", "--no-progress")
     assert code == 0 and json.loads(stdout)["matches_stored"], stderr
+
+
+def test_runs_that_cannot_grow_say_why(finished_run, digit_folders, tmp_path, cli):
+    from slca_cli.grow import grown_config
+    from slca_cli.errors import SlcaError
+    from slca_cli.presets import RunConfig
+    code, _, stderr = cli("continue", finished_run[0], "--data-root", digit_folders[1], "--out", tmp_path / "o",
+                          "--no-progress")
+    assert_one_line_error(code, stderr, "generated data")
+    full = RunConfig("folder", "vit-tiny-test", "dualprompt", 8, (4, 4), prompt_pool=2)
+    with pytest.raises(SlcaError, match="pool of 2 is full"):
+        grown_config(full, 2, {})
+    assert grown_config(full.replace(prompt_pool=3), 2, {}).task_sizes == (4, 4, 2)
