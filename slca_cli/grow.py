@@ -88,7 +88,7 @@ def _load_source(source: Dict[str, Any], style: str, data_root: Optional[str]) -
     else:
         data = image_folder_splits("folder", Path(source["path"]), style, None, None)
         where = source["path"]
-    if data.fingerprint() != source["file_list_sha256"]:
+    if not data.matches(source["file_list_sha256"]):
         raise SlcaError(f"the files under {where} differ from those the run used (file list checksum)")
     return data
 
