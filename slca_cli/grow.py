@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import json
 import os
 import shutil
 from dataclasses import dataclass
@@ -17,7 +18,8 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from .checkpoint import (MODEL_FILE, STATE_FILE, STATS_FILE, TaskState, atomic_write_json, complete_tasks,
-                         intact_tasks, read_state, remove_path, sha256_file, task_dir_name)
+                         intact_tasks, read_state, remove_path, sha256_file, state_digest,
+                         task_dir_name)
 from .data import TRANSFORM_STYLES, attach_transforms, load_dataset
 from .data.screening import find_unreadable
 from .data.base import DatasetSplits, LabelledSplit, class_name, image_folder_splits
@@ -185,7 +187,8 @@ def grown_config(cfg: RunConfig, new_classes: int, execution: Dict[str, Any]) ->
                        weights=None, device_augment=False, **execution)
 
 
-def copy_task(source: TaskState, run_dir: Path, state_update: Dict[str, Any], link: bool) -> None:
+def copy_task(source: TaskState, run_dir: Path, state_update: Dict[str, Any], link: bool,
+              previous_sha256: Optional[str]) -> str:
     """``run_dir/task-NN/``: the tensor files copied (or hard-linked) byte for byte, state.json rewritten to the
     grown run; written as ``.task-NN.partial/`` and renamed into place, as every task folder is."""
     name = source.task_dir.name
@@ -203,10 +206,16 @@ def copy_task(source: TaskState, run_dir: Path, state_update: Dict[str, Any], li
     state = dict(source.raw, **state_update)
     state["copied_from"] = {"task_dir": str(source.task_dir.resolve()),
                             "state_sha256": sha256_file(source.task_dir / STATE_FILE)}
+    state.pop("previous_state_sha256", None)
+    if previous_sha256 is not None:  # the chain of states (checkpoint.chain_problem) links the rewritten ones
+        state["previous_state_sha256"] = previous_sha256
+    state = json.loads(json.dumps(state))
+    state["state_sha256"] = state_digest(state)  # sealed again: this is the grown run's state
     atomic_write_json(partial / STATE_FILE, state)
     final = run_dir / name
     remove_path(final)
     os.replace(partial, final)
+    return state["state_sha256"]
 
 
 @dataclass
@@ -292,9 +301,12 @@ def start_continuation(plan: Continuation, out_dir: Path, *, resume: bool, link:
               "task_sizes": list(plan.cfg.task_sizes), "data_fingerprint": plan.data.fingerprint(),
               "sources": plan.sources}
     out_dir.mkdir(parents=True, exist_ok=True)
+    previous = None
     for state, _ in intact_tasks(plan.seed_dir, []):
         if state.task >= existing:
-            copy_task(state, out_dir, update, link)
+            previous = copy_task(state, out_dir, update, link, previous)
+        else:
+            previous = read_state(out_dir / task_dir_name(state.task)).raw.get("state_sha256")
     atomic_write_json(out_dir / "provenance.json", provenance(plan.seed_dir, plan.sources, plan.cfg))
     new = plan.sources[-1]["class_names"]
     log(f"continuing {plan.seed_dir} ({plan.last.config.num_tasks} tasks, {plan.last.config.num_classes} classes) "
