@@ -156,7 +156,7 @@ def train(
     ranpac_adapt: Optional[bool] = _option(METHOD, "ranpac: adapt the backbone on the first task (slow-learner "
                                                    "rates) before freezing it (default: off, training-free).",
                                            "--ranpac-adapt/--no-ranpac-adapt"),
-    out: Optional[Path] = _option(RUN, "Run folder; default runs/<dataset>-<backbone>-<method>."),
+    out: Optional[str] = _option(RUN, "Run folder; default runs/<dataset>-<backbone>-<method>."),
     seed: List[int] = _option(RUN, "Seed; repeat for several runs (paper: 1993, 1996, 1997).", default=[1993]),
     resume: bool = _option(RUN, "Continue after the last complete task-NN/ folder.", "--resume", default=False),
     checkpoint_every: Optional[int] = _option(RUN, "Also save the task being trained every N epochs (in-progress/),"
@@ -184,6 +184,8 @@ def train(
                                                       "several processes; 'none' to ignore it)."),
 ):
     """Train a class-incremental run: for each task fit, collect statistics, align, evaluate, save."""
+    from .stages import mark
+    mark("start", step="loading libraries")
     from .guard import guarded_seed, interrupt_message, stop_exit_code
     from .threads import set_threads
     set_threads(threads)
@@ -192,12 +194,20 @@ def train(
     from .runner import run_seed
     from .speed import make_accelerator
     from .tracking import close_open_trackers, resolve_log_with
+    from .validation import check_seed
 
     show_progress = progress_mode(progress, no_progress)
     trackers = resolve_log_with(log_with)
+    for s in seed:
+        check_seed(s)
+    if out is not None and not out.strip():
+        raise SlcaError("--out is empty; name the run folder (e.g. --out runs/my-run), or leave the flag out for "
+                        "runs/<dataset>-<backbone>-<method>")
     flags = {k: v for k, v in ctx.params.items() if k in SETTINGS or k in SPLIT_FLAGS}
+    mark("start", step="reading the dataset")
     cfg, data = resolve_run(dataset, backbone, method, flags)
-    out = out or Path("runs") / f"{cfg.dataset}-{cfg.backbone}-{cfg.method}"
+    mark("start", step="starting the accelerator")
+    out = Path(out) if out is not None else Path("runs") / f"{cfg.dataset}-{cfg.backbone}-{cfg.method}"
     accelerator = make_accelerator(device, cfg.precision, trackers, project_dir=str(out))
     log = accelerator.print
     log(f"{cfg.dataset} ({cfg.num_classes} classes, tasks {list(cfg.task_sizes)}) | {cfg.backbone} | {cfg.method} "
@@ -213,6 +223,7 @@ def train(
                                         show_progress=show_progress))
         except KeyboardInterrupt as stop:  # SIGINT / SIGTERM: the checkpoint being written was finished first
             _err(interrupt_message(stop, s, run_dir, sys.argv[1:]))
+            stop.reported = True
             raise typer.Exit(stop_exit_code(stop))
         finally:
             close_open_trackers()
@@ -498,7 +509,27 @@ def datasets_prepare(
 
 def main() -> None:
     """The `slca` command. `slca train` with an accelerate config for several processes re-runs itself under
-    `accelerate launch` (see distributed.launcher_command)."""
+    `accelerate launch` (see distributed.launcher_command). A stop signal at any moment ends in one line saying
+    where the command was (signals.install_at_startup)."""
+    from .signals import install_at_startup, interrupt_in_chain, startup_interrupt_message
+    from .stages import mark
+
+    install_at_startup()
+    try:
+        mark("start", step="loading libraries")
+        _run_app()
+    except KeyboardInterrupt as stop:  # while starting, before Typer runs the command
+        _err(startup_interrupt_message(stop))
+        raise SystemExit(getattr(stop, "exit_code", 130)) from None
+    except SystemExit as exc:
+        stop = interrupt_in_chain(exc)  # Typer turns a KeyboardInterrupt into a silent exit 130
+        if stop is None:
+            raise
+        _err(startup_interrupt_message(stop))
+        raise SystemExit(getattr(stop, "exit_code", 130)) from None
+
+
+def _run_app() -> None:
     from .distributed import launcher_command
     from .threads import quiet_waits
 
@@ -514,6 +545,8 @@ def main() -> None:
         os.execv(command.argv[0], command.argv)
     succeeded = False
     try:
+        from .stages import mark
+        mark("command")  # `slca train` marks its own steps
         app()
         succeeded = True
     except SystemExit as exc:
@@ -527,6 +560,8 @@ def end_process_group(wait: bool) -> None:
     """Under several processes, leave together (after a success) and tear the process group down before the
     interpreter exits; otherwise a rank that finishes first can abort its peers' gloo/NCCL threads (exit -6 after
     correct output). After a failure there is no barrier: the peers may never reach it."""
+    if "torch.distributed" not in sys.modules:  # never imported (e.g. stopped while importing torch)
+        return
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():

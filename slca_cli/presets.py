@@ -203,49 +203,20 @@ def resolve_config(dataset: str, backbone: str, method: str, *, backbone_family:
 
 
 def _check(cfg: RunConfig) -> None:
-    positive = dict(epochs=cfg.epochs, batch_size=cfg.batch_size, image_size=cfg.image_size,
-                    ca_samples=cfg.ca_samples, ca_batch_size=cfg.ca_batch_size, ranpac_dim=cfg.ranpac_dim)
-    if cfg.checkpoint_every < 0:
-        raise SlcaError(f"--checkpoint-every must be 0 (off) or a number of epochs, got {cfg.checkpoint_every}")
-    for name, value in positive.items():
-        if value < 1:
-            raise SlcaError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-    if cfg.ca_epochs < 0:
-        raise SlcaError(f"--ca-epochs must be 0 or more, got {cfg.ca_epochs}")
-    if cfg.tau <= 0:
-        raise SlcaError(f"--tau must be positive, got {cfg.tau}")
+    """Every numeric setting within its bounds (validation.BOUNDS, for flags and presets alike), every named one a
+    known choice, and the rules that tie settings together."""
+    from .validation import check_bounds
+    check_bounds(cfg.to_dict())
     for name in CHOICES:
         check_choice(name, getattr(cfg, name))
-    if cfg.drift_views < 0 or cfg.drift_ridge <= 0:
-        raise SlcaError(f"--drift-views must be >= 0 and --drift-ridge > 0, got {cfg.drift_views} and "
-                        f"{cfg.drift_ridge}")
     if cfg.drift_compensation != "off" and not cfg.align:
         raise SlcaError(f"--drift-compensation moves the class statistics that classifier alignment uses; --method "
                         f"{cfg.method} does not align them: use --method slca (or slca++), or drop the flag")
-    if cfg.lr_backbone < 0 or cfg.lr_head <= 0:
-        raise SlcaError("--lr-backbone must be >= 0 and --lr-head > 0")
-    for name in ("train_per_class", "test_per_class"):
-        value = getattr(cfg, name)
-        if value is not None and value < 1:
-            raise SlcaError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-    _check_method_settings(cfg)
-
-
-def _check_method_settings(cfg: RunConfig) -> None:
-    for name in ("prompt_pool", "prompt_length", "prompt_top_k", "g_prompt_length"):
-        if getattr(cfg, name) < 1:
-            raise SlcaError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
     if cfg.prompt_top_k > cfg.prompt_pool:
         raise SlcaError(f"--prompt-top-k {cfg.prompt_top_k} is larger than --prompt-pool {cfg.prompt_pool}; "
                         f"select at most as many prompts as the pool holds")
-    if cfg.lora_rank < 0:
-        raise SlcaError(f"--lora-rank must be 0 (no LoRA) or more, got {cfg.lora_rank}")
-    if cfg.sce_a < 0 or cfg.sce_b < 0 or cfg.sce_a + cfg.sce_b == 0:
+    if cfg.sce_a + cfg.sce_b == 0:
         raise SlcaError(f"--sce-a and --sce-b must be >= 0 and not both 0, got {cfg.sce_a} and {cfg.sce_b}")
-    if cfg.grad_clip is not None and cfg.grad_clip <= 0:
-        raise SlcaError(f"--grad-clip must be positive, got {cfg.grad_clip}")
-    if cfg.matching_weight < 0 or cfg.min_lr < 0 or cfg.sample_shrink < 0 or cfg.weight_decay < 0:
-        raise SlcaError("--matching-weight, --min-lr, --sample-shrink and --weight-decay must be >= 0")
 
 
 def task_split_request(dataset: str, tasks: Optional[int], init_classes: Optional[int],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import platform
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +55,41 @@ def run_header(run: RunIdentity, class_names: List[str]) -> Dict[str, Any]:
     if cfg.weights:
         header["weights_sha256"] = sha256_file(Path(cfg.weights))
     return header
+
+
+def previous_header(run_dir: Path) -> Optional[Dict[str, Any]]:
+    """The config.json a resumed run wrote when it started (None when absent or unreadable)."""
+    path = run_dir / "config.json"
+    try:
+        header = json.loads(path.read_text(encoding="utf-8")) if path.is_file() and not path.is_symlink() else None
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    return header if isinstance(header, dict) else None
+
+
+def run_fingerprint(data, recorded_by: Optional[Dict[str, Any]]) -> str:
+    """The data checksum this run records: today's (names in NFC form), or, for a run folder written before names
+    were normalized, the legacy one it recorded (``recorded_by``: the last task's state or config.json), as long
+    as it is this data's, so the folder stays resumable."""
+    recorded = (recorded_by or {}).get("data_fingerprint")
+    if isinstance(recorded, str) and recorded != data.fingerprint() and data.matches(recorded):
+        return recorded
+    return data.fingerprint()
+
+
+def check_same_weights(previous: Dict[str, Any], header: Dict[str, Any], run_dir: Path) -> None:
+    """--resume continues from the weights file the run started with: same content (sha256), wherever it is now."""
+    before, now = previous.get("weights_sha256"), header.get("weights_sha256")
+    if before == now:
+        return
+    if before is None:
+        raise SlcaError(f"--resume: {run_dir} was started without --weights (the backbone's published weights); "
+                        f"drop --weights, or start a new run with another --out")
+    where = (previous.get("config") or {}).get("weights") if isinstance(previous.get("config"), dict) else None
+    given = f"--weights {header['config']['weights']} has other content" if now else "no --weights was given"
+    raise SlcaError(f"--resume: {run_dir} was started from the weights file {where} (sha256 {str(before)[:12]}...), "
+                    f"but {given}; pass a file with that content (it may have moved), or start a new run with "
+                    f"another --out")
 
 
 def library_versions() -> Dict[str, str]:

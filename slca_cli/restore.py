@@ -76,6 +76,7 @@ class ResumePoint:
     means: List[torch.Tensor] = field(default_factory=list)
     chols: List[torch.Tensor] = field(default_factory=list)
     last: Optional[Tuple[TaskState, Tensors]] = None  # the last finished task's state and model tensors
+    state_sha256: Optional[str] = None  # the last finished task's state checksum: the next one links to it
     method_state: Tensors = field(default_factory=dict)  # what Method.fit_classifier returned after it
 
 
@@ -109,6 +110,7 @@ def find_resume_point(run_dir: Path, cfg: RunConfig, log: Callable[[str], None])
     point.start_task = state.task + 1
     point.counts, point.seconds, point.memory = state.counts, state.seconds, state.peak_memory_mb
     point.train_loss = state.train_loss
+    point.state_sha256 = state.raw.get("state_sha256")
     log(f"resuming {run_dir} after {state.task_dir.name} ({point.start_task}/{cfg.num_tasks} tasks done)")
     return point
 
@@ -119,7 +121,7 @@ def checkpoint_data(state: TaskState, data_root: Optional[str]) -> DatasetSplits
     cfg = state.config
     root = data_root if data_root is not None else stored_data_root(cfg, state.task_dir / "state.json")
     data = load_data_for(cfg, root)
-    if data.fingerprint() != state.data_fingerprint:
+    if not data.matches(state.data_fingerprint):
         raise SlcaError(f"the data under {data.root or cfg.dataset} differs from the data this checkpoint was "
                         f"trained on (file list checksum); point --data-root at the same files")
     return data

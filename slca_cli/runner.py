@@ -16,13 +16,15 @@ import torch
 from .backbones import get_backbone
 
 from .alignment import align_classifier
-from .checkpoint import atomic_write_json, atomic_write_text, complete_tasks, rng_state, save_task, set_rng_state
+from .checkpoint import atomic_write_json, atomic_write_text, complete_tasks, read_state, rng_state, save_task
+from .checkpoint import set_rng_state
 from .closed_form import shrink_class_covariances
 from .data import DatasetSplits
 from .data.loaders import PassLoaders, resolve_device_augment
 from .drift import compensate, drift_features, drift_loaders, estimate_drift
 from .distributed import check_batch_split, sum_across_processes
 from .errors import SlcaError
+from .finite import require_finite_task, require_finite_weights
 from .learner import evaluate, feature_batches, fit_task
 from .methods import get_method
 from .methods.base import ClassifierInputs
@@ -30,7 +32,7 @@ from .metrics import summarize
 from .midtask import EpochCheckpoints, refuse_leftover
 from .model import ContinualModel
 from .presets import RunConfig
-from .records import RunIdentity, run_header
+from .records import RunIdentity, check_same_weights, previous_header, run_fingerprint, run_header
 from .protocol import class_order, class_remap
 from .restore import ResumePoint, build_model, find_resume_point, restore_model
 from .signals import uninterruptible
@@ -55,12 +57,17 @@ def run_seed(cfg: RunConfig, seed: int, run_dir: Path, accelerator, data: Datase
         set_rng_state(point.last[0].rng)
     else:
         model = build_model(cfg, get_backbone(cfg.backbone), pretrained=True, seed=seed)
+        require_finite_weights(model.backbone.state_dict(), f"--weights {cfg.weights}" if cfg.weights else
+                               f"backbone {cfg.backbone}")
     device = accelerator.device
     model.to(device)
     check_batch_split(cfg.batch_size, accelerator.num_processes)
     cfg = cfg.replace(device_augment=resolve_device_augment(cfg.device_augment, data, device, cfg.image_size, log))
-    run = RunIdentity(seed, order, data.fingerprint(), cfg)
+    previous = previous_header(run_dir) if resume else None
+    run = RunIdentity(seed, order, run_fingerprint(data, point.last[0].raw if point.last else previous), cfg)
     header = run_header(run, data.class_names)
+    if previous is not None:
+        check_same_weights(previous, header, run_dir)
     if point.last is not None:
         run.check_continues(point.last[0].raw, point.last[0].task_dir)
     epoch_checkpoints = EpochCheckpoints(run_dir, cfg.checkpoint_every, run, log, accelerator.is_main_process)
@@ -125,6 +132,8 @@ def run_seed(cfg: RunConfig, seed: int, run_dir: Path, accelerator, data: Datase
             model.task_heads.requires_grad_(False)
             method.after_alignment(model, seen_sizes, cfg)
 
+        require_finite_task(task, finished_tensors(model, stage1_heads, task_means, task_chol, point.method_state,
+                                                   drift))
         mark("evaluate", task=task + 1)
         correct, total = evaluate(model, loaders.test(list(range(offset + cfg.task_sizes[task]))), accelerator,
                                   seen_sizes, show_progress, f"task {task + 1} evaluate")
@@ -205,8 +214,23 @@ def save_finished_task(run_dir: Path, task: int, cfg: RunConfig, model: Continua
              "metrics": {k: record[k] for k in ("accuracy_matrix", "task_accuracy", "last_acc", "inc_acc",
                                                "forgetting")},
              "seconds": point.seconds, "peak_memory_mb": point.memory, "train_loss": point.train_loss,
-             "rng": rng_state(), "data_fingerprint": header["data_fingerprint"]}
-    save_task(run_dir, task, model_tensors, stats_tensors, state)
+             "rng": rng_state(), "data_fingerprint": header["data_fingerprint"],
+             "previous_state_sha256": point.state_sha256}
+    final = save_task(run_dir, task, model_tensors, stats_tensors, state)
+    point.state_sha256 = read_state(final).raw["state_sha256"]
+
+
+def finished_tensors(model: ContinualModel, stage1_heads, means, chol, method_state, drift
+                     ) -> Dict[str, Dict[str, torch.Tensor]]:
+    """What ``save_finished_task`` writes, by part, for the non-finite check before it."""
+    weights = model.state_dict()
+    stats = {"means": means, "chol": chol, **{f"method.{k}": v for k, v in method_state.items()}}
+    if drift is not None:
+        stats["drift"] = drift
+    return {"class statistics": stats,
+            "classifier heads": {**{k: v for k, v in weights.items() if k.startswith("task_heads.")},
+                                 **{f"stage1_heads.{k}": v for k, v in stage1_heads.items()}},
+            "backbone": {k: v for k, v in weights.items() if not k.startswith("task_heads.")}}
 
 
 def task_line(seed: int, task: int, cfg: RunConfig, record: Dict[str, Any]) -> str:

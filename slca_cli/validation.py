@@ -6,9 +6,10 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
+import math
 import re
 from pathlib import Path
-from typing import Any, Union, get_args, get_origin, get_type_hints
+from typing import Any, Dict, Optional, Union, get_args, get_origin, get_type_hints
 
 from .errors import SlcaError
 from .presets import RunConfig
@@ -156,3 +157,86 @@ def stored_data_root(cfg: RunConfig, state_path: Path) -> Union[str, None]:
         raise SlcaError(f"{state_path} records the data root {root!r}, which is not an absolute path; pass "
                         f"--data-root DIR")
     return root
+
+
+# The allowed range of every numeric RunConfig setting, whether it comes from a flag or a preset (checked once, in
+# check_bounds). min / max: inclusive bounds; above: an exclusive lower bound. Floats must also be finite; None
+# (where the field allows it) means "off" and is not checked; tuples are checked element by element. say: how the
+# error words the rule, where the bounds alone would not tell what the number means.
+BOUNDS: Dict[str, Dict[str, Any]] = {
+    "epochs": {"min": 1},
+    "lr_drop_epoch": {"min": 1, "say": "an epoch >= 1 (a drop at or after --epochs never happens; leave the flag "
+                                       "out for the preset)"},
+    "batch_size": {"min": 1},
+    "lr_backbone": {"min": 0.0},
+    "lr_head": {"above": 0.0},
+    "momentum": {"min": 0.0, "max": 1.0},
+    "weight_decay": {"min": 0.0},
+    "ca_epochs": {"min": 0},
+    "ca_samples": {"min": 1},
+    "ca_lr": {"above": 0.0},
+    "ca_batch_size": {"min": 1},
+    "tau": {"min": 1e-3},  # logits / tau: much smaller temperatures overflow the alignment in float32
+    "cov_ridge": {"above": 0.0},
+    "image_size": {"min": 1},
+    "mean": {},
+    "std": {"above": 0.0},
+    "train_per_class": {"min": 1},
+    "test_per_class": {"min": 1},
+    "min_lr": {"min": 0.0},
+    "grad_clip": {"above": 0.0},
+    "sce_a": {"min": 0.0},
+    "sce_b": {"min": 0.0},
+    "lora_rank": {"min": 0},
+    "lora_scale": {"min": 0.0},
+    "lr_lora": {"min": 0.0},
+    "lr_lora_first": {"min": 0.0},
+    "sample_shrink": {"min": 0.0},
+    "prompt_pool": {"min": 1},
+    "prompt_length": {"min": 1},
+    "prompt_top_k": {"min": 1},
+    "g_prompt_length": {"min": 1},
+    "matching_weight": {"min": 0.0},
+    "drift_views": {"min": 0},
+    "drift_ridge": {"above": 0.0},
+    "ranpac_dim": {"min": 1},
+    "workers": {"min": 0},
+    "checkpoint_every": {"min": 0, "say": "0 (off) or a number of epochs"},
+}
+# Flags of `slca train` that are not RunConfig settings, with the same kind of rule.
+SEED_BOUNDS: Dict[str, Any] = {"min": 0, "max": 2 ** 32 - 1}  # NumPy seeds the class order: 0 .. 2^32 - 1
+
+
+def bound_problem(value: Any, rule: Dict[str, Any]) -> Optional[str]:
+    """What is wrong with one number under ``rule`` (None when it fits): 'a finite number >= 1e-3', ..."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return "a number"
+    parts = [f"{sign} {rule[key]:g}" if isinstance(rule[key], float) else f"{sign} {rule[key]}"
+             for key, sign in (("above", ">"), ("min", ">="), ("max", "<=")) if key in rule]
+    wanted = rule.get("say") or ("a finite number" if isinstance(value, float) else "an integer") + (
+        " " if parts else "") + " and ".join(parts)
+    if isinstance(value, float) and not math.isfinite(value):
+        return wanted
+    if ("above" in rule and not value > rule["above"]) or ("min" in rule and value < rule["min"]) or (
+            "max" in rule and value > rule["max"]):
+        return wanted
+    return None
+
+
+def check_bounds(values: Dict[str, Any]) -> None:
+    """Every numeric setting in ``values`` (RunConfig field -> value) within BOUNDS, else a one-line SlcaError
+    naming the flag."""
+    for name, rule in BOUNDS.items():
+        value = values.get(name)
+        for item in (value if isinstance(value, (tuple, list)) else (value,)):
+            if item is None:
+                continue
+            problem = bound_problem(item, rule)
+            if problem is not None:
+                raise SlcaError(f"--{name.replace('_', '-')} must be {problem}, got {value}")
+
+
+def check_seed(seed: int) -> None:
+    problem = bound_problem(seed, SEED_BOUNDS)
+    if problem is not None:
+        raise SlcaError(f"--seed must be {problem}, got {seed}")
