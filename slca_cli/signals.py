@@ -120,5 +120,6 @@ def startup_interrupt_message(stop: BaseException) -> str:
     name = getattr(stop, "signal_name", "SIGINT")
     command = " ".join(sys.argv[1:2])
     where = stages.describe() if stages.current() else "starting: loading libraries"
-    return (f"interrupted by {name} during `slca {command}` ({where}); no task was being trained or written, nothing "
-            f"is lost: run the same command again")
+    kept = ("what had finished is kept" if "task" in stages.current() else
+            "no task was being trained or written, nothing is lost")
+    return f"interrupted by {name} during `slca {command}` ({where}); {kept}: run the same command again"

@@ -487,3 +487,16 @@ def test_a_really_full_disk(cli, tmp_path):
         assert verify_task(disk / "run" / "seed-1993" / "task-01") is None
     finally:
         subprocess.run(["umount", str(disk)], capture_output=True)
+
+
+def test_the_startup_message_says_where_and_what_is_kept(monkeypatch):
+    from slca_cli import stages
+    from slca_cli.signals import RunInterrupted, startup_interrupt_message
+    monkeypatch.setattr("sys.argv", ["slca", "demo"])
+    stages.reset()
+    assert "(starting: loading libraries); no task was being trained" in startup_interrupt_message(KeyboardInterrupt())
+    stages.mark("fit", task=2, epoch=1)
+    message = startup_interrupt_message(RunInterrupted(signal.SIGTERM))
+    assert message.startswith("interrupted by SIGTERM during `slca demo` (task 2, stage-1 training (epoch 1))")
+    assert "what had finished is kept" in message
+    stages.reset()
