@@ -284,8 +284,10 @@ def eval_checkpoint(
     typer.echo(f"{path} (after task {result['task']})")
     typer.echo(f"per task: {row}")
     status = "matches" if result["matches_stored"] else "DIFFERS from"
+    within = (f" within {result['tolerance_images']} near-tie images, {result['differing_images']} differ"
+              if result["tolerance_images"] and result["differing_images"] else "")
     typer.echo(f"accuracy on all seen classes: {result['accuracy']:.2f}% ({status} the stored "
-               f"{result['stored_accuracy']:.2f}%)")
+               f"{result['stored_accuracy']:.2f}%{within})")
 
 
 @app.command("predict")
