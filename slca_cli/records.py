@@ -131,6 +131,7 @@ def save_finished_task(run_dir: Path, task: int, cfg: RunConfig, model: Continua
         stats_tensors["drift"] = drift
     state = {"format": "slca-task", "version": 1, "task": task, "seed": header["seed"], "config": cfg.to_dict(),
              "class_order": header["class_order"], "class_names": header["class_names"],
+             **({"sources": header["sources"]} if "sources" in header else {}),
              "task_sizes": list(cfg.task_sizes), "counts": point.counts,
              "metrics": {k: record[k] for k in ("accuracy_matrix", "task_accuracy", "last_acc", "inc_acc",
                                                "forgetting")},

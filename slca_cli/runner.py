@@ -100,7 +100,9 @@ def run_seed(cfg: RunConfig, seed: int, run_dir: Path, accelerator, data: Datase
 def start_seed(cfg: RunConfig, seed: int, run_dir: Path, accelerator, data: DatasetSplits, resume: bool, log: Log,
                show_progress: bool) -> Seed:
     """The model (pre-trained, or the last finished task's on --resume), config.json, the loaders, the trackers."""
-    order = class_order(data.num_classes, seed)  # seeds NumPy's global RNG: before the checkpoint's RNG state
+    # A continued run (grow.py) keeps the order its classes were learned in. class_order seeds NumPy's global RNG:
+    # before the checkpoint's RNG state is restored.
+    order = data.class_order or class_order(data.num_classes, seed)
     run_dir.mkdir(parents=True, exist_ok=True)
     point = find_resume_point(run_dir, cfg, log) if resume else fresh_start(run_dir)
     model = starting_model(cfg, seed, point).to(accelerator.device)
@@ -110,6 +112,8 @@ def start_seed(cfg: RunConfig, seed: int, run_dir: Path, accelerator, data: Data
     previous = previous_header(run_dir) if resume else None
     run = RunIdentity(seed, order, run_fingerprint(data, point.last[0].raw if point.last else previous), cfg)
     header = run_header(run, data.class_names)
+    if data.sources:  # a continued run (grow.py): where each task's classes came from
+        header["sources"] = data.sources
     if previous is not None:
         check_same_weights(previous, header, run_dir)
     if point.last is not None:
