@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import base64
+import errno
 import hashlib
 import json
 import os
 import random
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -77,8 +79,21 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
+def writer_os_error(exc: SafetensorError, path: Path) -> OSError:
+    """safetensors reports a failed write (disk full, read-only file system) as SafetensorError, not OSError; the
+    errno inside its message ("... (os error 28)", older versions "IoError(Os { code: 28, ... })") makes it the
+    OSError the run's guard turns into a one-line message naming the file."""
+    found = re.search(r"os error (\d+)|code:\s*(\d+)", str(exc))
+    code = int(found.group(1) or found.group(2)) if found else errno.EIO
+    return OSError(code, os.strerror(code), str(path))
+
+
 def _save_tensors(path: Path, tensors: Dict[str, torch.Tensor], metadata: Optional[Dict[str, str]] = None) -> str:
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path), metadata=metadata)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path), metadata=metadata)
+    except SafetensorError as exc:
+        raise writer_os_error(exc, path) from None
+    os.chmod(path, 0o666 & ~_UMASK)  # safetensors creates 0600; every file of a run gets the umask's mode
     with open(path, "rb") as fh:
         os.fsync(fh.fileno())
     return sha256_file(path)
@@ -111,6 +126,23 @@ def remove_path(path: Path) -> None:
         shutil.rmtree(path)
 
 
+def state_digest(state: Dict[str, Any]) -> str:
+    """sha256 of a state.json's canonical JSON (sorted keys, no spaces), its own ``state_sha256`` left out: the
+    JSON state gets the integrity the tensor files get from their recorded sha256."""
+    body = {k: v for k, v in state.items() if k != "state_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode("utf-8")).hexdigest()
+
+
+def seal_problem(state: Any) -> Optional[str]:
+    """Why a parsed state.json fails its own checksum (edited by hand, damaged), else None. A state written before
+    slca recorded ``state_sha256`` has nothing to check and passes (old run folders stay usable)."""
+    if not isinstance(state, dict) or "state_sha256" not in state:
+        return None
+    if state["state_sha256"] != state_digest(state):
+        return "was edited or damaged (its content no longer matches its recorded state_sha256)"
+    return None
+
+
 def write_folder(parent: Path, name: str, tensor_files: Dict[str, Tuple[Dict[str, torch.Tensor], str]],
                  state: Dict[str, Any]) -> Path:
     """Write ``parent/name/`` as a whole: tensor files (sha256 recorded in state.json) and state.json go to a
@@ -120,11 +152,12 @@ def write_folder(parent: Path, name: str, tensor_files: Dict[str, Tuple[Dict[str
     mark("save", folder=name, file="start")
     remove_path(partial)
     partial.mkdir(parents=True)
-    state = dict(state)
+    state = json.loads(json.dumps(state))  # as it will read back (tuples as lists, keys as text)
     state["sha256"] = {}
     for file_name, (tensors, fmt) in tensor_files.items():
         state["sha256"][file_name] = _save_tensors(partial / file_name, tensors, {"format": fmt})
         mark("save", folder=name, file=file_name)
+    state["state_sha256"] = state_digest(state)
     atomic_write_json(partial / STATE_FILE, state)
     _fsync_dir(partial)
     mark("save", folder=name, file="rename")
@@ -186,6 +219,10 @@ def read_state(task_dir: Path) -> TaskState:
         state = json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as exc:
         raise SlcaError(f"{path} is damaged ({exc.__class__.__name__}); resume from an earlier task") from None
+    problem = seal_problem(state)
+    if problem is not None:
+        raise SlcaError(f"{path} {problem}; restore it, or remove {Path(task_dir).name}/ and re-run that task with "
+                        f"--resume")
     cfg = check_task_state(state, path)
     return TaskState(Path(task_dir), int(state["task"]), cfg, state)
 
@@ -256,7 +293,7 @@ def intact_tasks(run_dir: Path, warnings: List[str], load: Tuple[str, ...] = ()
                  ) -> Iterator[Tuple[TaskState, Dict[str, Dict[str, torch.Tensor]]]]:
     """The leading intact task folders (task-01 ... task-K) in order, as ``open_task`` gives them; a damaged
     folder after them ends the walk with a warning appended to ``warnings``."""
-    count = 0
+    count, previous = 0, None
     while True:
         folder = Path(run_dir) / task_dir_name(count)
         if not folder.exists() and not folder.is_symlink():
@@ -265,12 +302,23 @@ def intact_tasks(run_dir: Path, warnings: List[str], load: Tuple[str, ...] = ()
             if folder.is_symlink():
                 raise SlcaError("it is a link; task folders inside a run are never links")
             opened = open_task(folder, load)
+            chain_problem(opened[0].raw, previous)
         except SlcaError as exc:
             then = "resuming from the task before it" if count else "starting again from task 1"
             warnings.append(f"{folder} is damaged ({exc}); {then}")
             return
         yield opened
+        previous = opened[0].raw
         count += 1
+
+
+def chain_problem(state: Dict[str, Any], previous: Optional[Dict[str, Any]]) -> None:
+    """A task's state names the checksum of the state it continued (``previous_state_sha256``): a task folder
+    swapped in from another run, or an earlier state.json edited and re-sealed, breaks the chain."""
+    link, before = state.get("previous_state_sha256"), (previous or {}).get("state_sha256")
+    if link is not None and before is not None and link != before:
+        raise SlcaError(f"its state.json does not continue {task_dir_name(int(state['task']) - 1)}/state.json "
+                        f"(previous_state_sha256 differs): a task folder was replaced or edited")
 
 
 def complete_tasks(run_dir: Path) -> Tuple[int, List[str]]:

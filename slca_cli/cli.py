@@ -80,7 +80,7 @@ TRAIN_OPTIONS = (
     ("init_classes", Optional[int], typer.Option(None, help="Classes in the first task.", rich_help_panel=DATA)),
     ("increment", Optional[int], typer.Option(None, help="Classes per later task (the last takes the rest).",
                                               rich_help_panel=DATA)),
-    ("out", Optional[Path], typer.Option(None, help="Run folder; default runs/<dataset>-<backbone>-<method>.",
+    ("out", Optional[str], typer.Option(None, help="Run folder; default runs/<dataset>-<backbone>-<method>.",
                                          rich_help_panel=RUN)),
     ("seed", List[int], typer.Option([1993], help="Seed; repeat for several runs (paper: 1993, 1996, 1997).",
                                      rich_help_panel=RUN)),
@@ -136,6 +136,8 @@ def train_signature() -> inspect.Signature:
 @user_errors
 def train(ctx: typer.Context, **options):
     """Train a class-incremental run: for each task fit, collect statistics, align, evaluate, save."""
+    from .stages import mark
+    mark("start", step="loading libraries")
     from .guard import guarded_seed, interrupt_message, stop_exit_code
     from .threads import set_threads
     set_threads(options["threads"])
@@ -144,12 +146,21 @@ def train(ctx: typer.Context, **options):
     from .runner import run_seed
     from .speed import make_accelerator
     from .tracking import close_open_trackers, resolve_log_with
+    from .validation import check_seed
 
     show_progress = progress_mode(options["progress"], options["no_progress"])
     trackers = resolve_log_with(options["log_with"])
+    for s in options["seed"]:
+        check_seed(s)
+    out = options["out"]
+    if out is not None and not out.strip():
+        raise SlcaError("--out is empty; name the run folder (e.g. --out runs/my-run), or leave the flag out for "
+                        "runs/<dataset>-<backbone>-<method>")
     flags = {k: v for k, v in ctx.params.items() if k in SETTINGS or k in SPLIT_FLAGS}
+    mark("start", step="reading the dataset")
     cfg, data = resolve_run(options["dataset"], options["backbone"], options["method"], flags)
-    out = options["out"] or Path("runs") / f"{cfg.dataset}-{cfg.backbone}-{cfg.method}"
+    mark("start", step="starting the accelerator")
+    out = Path(out) if out is not None else Path("runs") / f"{cfg.dataset}-{cfg.backbone}-{cfg.method}"
     accelerator = make_accelerator(options["device"], cfg.precision, trackers, project_dir=str(out))
     log = accelerator.print
     log(f"{cfg.dataset} ({cfg.num_classes} classes, tasks {list(cfg.task_sizes)}) | {cfg.backbone} | {cfg.method} "
@@ -165,6 +176,7 @@ def train(ctx: typer.Context, **options):
                                         show_progress=show_progress))
         except KeyboardInterrupt as stop:  # SIGINT / SIGTERM: the checkpoint being written was finished first
             _err(interrupt_message(stop, s, run_dir, sys.argv[1:]))
+            stop.reported = True
             raise typer.Exit(stop_exit_code(stop))
         finally:
             close_open_trackers()
@@ -231,8 +243,10 @@ def eval_checkpoint(
     typer.echo(f"{path} (after task {result['task']})")
     typer.echo(f"per task: {row}")
     status = "matches" if result["matches_stored"] else "DIFFERS from"
+    within = (f" within {result['tolerance_images']} near-tie images, {result['differing_images']} differ"
+              if result["tolerance_images"] and result["differing_images"] else "")
     typer.echo(f"accuracy on all seen classes: {result['accuracy']:.2f}% ({status} the stored "
-               f"{result['stored_accuracy']:.2f}%)")
+               f"{result['stored_accuracy']:.2f}%{within})")
 
 
 @app.command("predict")
@@ -306,6 +320,53 @@ def export_command(
                f"equal slca's within {record['max_logit_difference']:.1e}")
     for path in record["files"]:
         typer.echo(f"  {path}")
+
+
+@app.command("continue")
+@user_errors
+def continue_command(
+    run: Path = typer.Argument(..., help="The seed-*/ folder of a finished run (or its last task-NN/ folder)."),
+    data_root: Path = typer.Option(..., help="The new classes: train/<class>/* and test/<class>/* (classes the run "
+                                             "has not learned)."),
+    out: Path = typer.Option(..., help="The continued run's folder (a new one: the original run is only read)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted continuation in --out."),
+    old_data_root: Optional[str] = typer.Option(None, help="Where the run's original dataset is now, if it moved "
+                                                           "(its test images score the old classes)."),
+    link: bool = typer.Option(False, "--link/--copy", help="Hard-link the finished tasks' tensor files instead of "
+                                                           "copying them (slca never writes a file in place)."),
+    checkpoint_every: int = typer.Option(0, help="Also save the new task every N epochs, so --resume continues "
+                                                 "mid-task. 0: off."),
+    device: str = device_option(),
+    threads: Optional[int] = threads_option(),
+    workers: Optional[int] = typer.Option(None, help="Data-loader processes (default: the machine's cores)."),
+    progress: str = progress_option(),
+    no_progress: bool = no_progress_option(),
+):
+    """Teach a finished run new classes from a new folder, exemplar-free: they become its next task, the old
+    classes are kept by their stored statistics. The result is a normal run folder in --out."""
+    from .grow import finished_run, plan_continuation, start_continuation
+    from .guard import guarded_seed, interrupt_message, stop_exit_code
+    from .runner import run_seed
+    from .speed import make_accelerator
+    from .threads import set_threads
+
+    set_threads(threads)
+    show_progress = progress_mode(progress, no_progress)
+    seed_dir, last = finished_run(run)
+    run_dir = out / seed_dir.name
+    plan = plan_continuation(run, data_root, run_dir, execution={"checkpoint_every": checkpoint_every,
+                                                                 "workers": workers},
+                             data_root=old_data_root, log=typer.echo)  # checks only: nothing written yet
+    try:
+        with guarded_seed(run_dir, last.seed, last.config.batch_size, typer.echo):
+            start_continuation(plan, run_dir, resume=resume, link=link, log=typer.echo)
+            accelerator = make_accelerator(device, plan.cfg.precision)
+            record = run_seed(plan.cfg, last.seed, run_dir, accelerator, plan.data, resume=True, log=typer.echo,
+                              show_progress=show_progress)
+    except KeyboardInterrupt as stop:
+        _err(interrupt_message(stop, last.seed, run_dir, sys.argv[1:]))
+        raise typer.Exit(stop_exit_code(stop))
+    typer.echo(seed_table([record]))
 
 
 @app.command("demo")
@@ -454,7 +515,27 @@ def datasets_prepare(
 
 def main() -> None:
     """The `slca` command. `slca train` with an accelerate config for several processes re-runs itself under
-    `accelerate launch` (see distributed.launcher_command)."""
+    `accelerate launch` (see distributed.launcher_command). A stop signal at any moment ends in one line saying
+    where the command was (signals.install_at_startup)."""
+    from .signals import install_at_startup, interrupt_in_chain, startup_interrupt_message
+    from .stages import mark
+
+    install_at_startup()
+    try:
+        mark("start", step="loading libraries")
+        _run_app()
+    except KeyboardInterrupt as stop:  # while starting, before Typer runs the command
+        _err(startup_interrupt_message(stop))
+        raise SystemExit(getattr(stop, "exit_code", 130)) from None
+    except SystemExit as exc:
+        stop = interrupt_in_chain(exc)  # Typer turns a KeyboardInterrupt into a silent exit 130
+        if stop is None:
+            raise
+        _err(startup_interrupt_message(stop))
+        raise SystemExit(getattr(stop, "exit_code", 130)) from None
+
+
+def _run_app() -> None:
     from .distributed import launcher_command
     from .threads import quiet_waits
 
@@ -470,6 +551,8 @@ def main() -> None:
         os.execv(command.argv[0], command.argv)
     succeeded = False
     try:
+        from .stages import mark
+        mark("command")  # `slca train` marks its own steps
         app()
         succeeded = True
     except SystemExit as exc:
@@ -483,6 +566,8 @@ def end_process_group(wait: bool) -> None:
     """Under several processes, leave together (after a success) and tear the process group down before the
     interpreter exits; otherwise a rank that finishes first can abort its peers' gloo/NCCL threads (exit -6 after
     correct output). After a failure there is no barrier: the peers may never reach it."""
+    if "torch.distributed" not in sys.modules:  # never imported (e.g. stopped while importing torch)
+        return
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():

@@ -121,7 +121,16 @@ def launcher_command(argv: List[str]) -> Optional[Relaunch]:
     except Exception as exc:  # yaml raises many kinds of parse errors
         raise SlcaError(f"accelerate config {path} is not readable YAML/JSON ({exc.__class__.__name__}); fix it, "
                         f"or pass --accelerate-config none") from None
-    processes = int(config.get("num_processes") or 1) if isinstance(config, dict) else 1
+    if not isinstance(config, dict):
+        if explicit:
+            raise SlcaError(f"--accelerate-config {explicit} is not an accelerate config (a YAML mapping such as "
+                            f"`accelerate config --config_file FILE` writes); fix it, or pass --accelerate-config none")
+        return None
+    try:
+        processes = int(config.get("num_processes") or 1)
+    except (TypeError, ValueError):
+        raise SlcaError(f"accelerate config {path}: num_processes {config.get('num_processes')!r} is not a number; "
+                        f"fix it, or pass --accelerate-config none") from None
     if not explicit and processes <= 1:
         return None
     return Relaunch([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(path), "-m", "slca_cli",

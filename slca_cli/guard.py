@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import shlex
+import threading
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Callable, Iterator, List, Sequence
@@ -76,7 +77,8 @@ def guarded_seed(run_dir: Path, seed: int, batch_size: int, log: Callable[[str],
     processes (accelerate launch) the main one holds the lock and repairs; the others wait for it."""
     stages.reset()
     try:
-        with (RunLock(run_dir, log=log) if is_main_process else nullcontext()), stop_signals_handled():
+        with (RunLock(run_dir, log=log) if is_main_process else nullcontext()), stop_signals_handled(), \
+                background_failures_quiet(log):
             if is_main_process:
                 for message in tidy_run_folder(run_dir):
                     log(message)
@@ -97,6 +99,27 @@ def guarded_seed(run_dir: Path, seed: int, batch_size: int, log: Callable[[str],
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         raise SlcaError(oom_message(exc, seed, run_dir, batch_size, "GPU")) from None
+
+
+@contextmanager
+def background_failures_quiet(log: Callable[[str], None]) -> Iterator[None]:
+    """An exception in a background thread (TensorBoard's event writer on a full disk) prints no traceback: the
+    same failure reaches the run through the main thread and is reported there in one line. When the run
+    succeeds anyway, each such failure is one warning line."""
+    failures: List[str] = []
+    previous = threading.excepthook
+
+    def hook(args) -> None:
+        if args.exc_type is not SystemExit:
+            failures.append(f"{args.thread.name if args.thread else 'a thread'}: "
+                            f"{args.exc_type.__name__}: {args.exc_value}")
+    threading.excepthook = hook
+    try:
+        yield
+    finally:
+        threading.excepthook = previous
+    for failure in failures:
+        log(f"warning: a background thread failed ({failure})")
 
 
 def stop_exit_code(stop: BaseException) -> int:

@@ -56,6 +56,8 @@ def process_start_ticks(pid: int) -> Optional[int]:
 
 
 def pid_running(pid: int) -> bool:
+    if pid <= 0:  # kill(0 or -1, 0) asks about a whole process group, or every process: never one holder
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -124,7 +126,9 @@ class RunLock:
         if holder is None:
             return f"unreadable lock file, untouched for {age:.0f} s" if age > 10 else None
         pid = holder.get("pid")
-        if holder.get("machine") == machine_id() and isinstance(pid, int):
+        if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:  # slca never writes such a lock
+            return f"the lock file names no process (pid {pid!r})"
+        if holder.get("machine") == machine_id():
             if not pid_running(pid):
                 return f"process {pid} on {holder.get('host')} is no longer running"
             started = holder.get("process_start")
@@ -209,5 +213,11 @@ class RunLock:
         self.acquire()
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.release()
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            self.release()
+        except OSError:
+            # Already failing (e.g. the file system turned read-only): report that first failure, not the lock's;
+            # the lock left behind names a dead process and is taken over by the next run.
+            if exc_type is None:
+                raise

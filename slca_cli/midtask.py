@@ -5,7 +5,8 @@ At an epoch boundary the rest of stage 1 is decided by: the weights, the optimiz
 rates), the scheduler, the global RNGs (Python, NumPy, torch CPU and CUDA: random augmentations in the main
 process) and the data loader's generator (it draws each epoch's shuffle and the workers' base seed when the
 epoch's iterator is created). All of it is saved, so on CPU a resumed task ends bit-for-bit where a straight one
-does. The folder is written atomically like a task folder and removed once the task's own folder is saved."""
+does. The main process's states are saved; under several processes they are every rank's (the same seeds, the
+same draws; the device path's augmentation generator is shared by all ranks, loaders.DeviceLoader). The folder is written atomically like a task folder and removed once the task's own folder is saved."""
 from __future__ import annotations
 
 import base64
@@ -18,9 +19,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from .checkpoint import STATE_FILE, remove_path, rng_state, set_rng_state, sha256_file, write_folder
+from .checkpoint import STATE_FILE, remove_path, rng_state, seal_problem, set_rng_state, sha256_file, write_folder
 from .data.loaders import shuffle_generator
 from .errors import SlcaError
+from .finite import ADVICE, first_non_finite
 from .records import RunIdentity
 from .signals import uninterruptible
 from .validation import check_rng
@@ -111,6 +113,8 @@ class EpochCheckpoints:
             state = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError, UnicodeDecodeError) as exc:
             return None, f"{STATE_FILE} unreadable: {exc.__class__.__name__}"
+        if seal_problem(state) is not None:
+            return None, f"{STATE_FILE} {seal_problem(state)}"
         fields = ("identity", "task", "epoch", "losses", "sha256", "optimizer", "scheduler", "rng", "generator")
         if not isinstance(state, dict) or any(f not in state for f in fields):
             return None, f"{STATE_FILE} is not a mid-task state"
@@ -182,6 +186,10 @@ class TaskEpochs:
         every = self.owner.every
         if every == 0 or (epoch + 1) % every != 0:
             return
+        bad = first_non_finite(model.state_dict())  # every process: they hold the same weights
+        if bad is not None:
+            raise SlcaError(f"task {self.task + 1}, epoch {epoch + 1}: the weights hold NaN or infinite values ({bad}), "
+                            f"so the mid-task checkpoint is not saved; finished tasks are kept. Fix: {ADVICE}")
         if accelerator.is_main_process:
             optimizer_state = optimizer.state_dict()
             tensors: Dict[str, torch.Tensor] = {}

@@ -57,12 +57,21 @@ _REQUIRED = dataclasses.MISSING
 
 
 def option(panel: str, help: str, *flags: str, default: Any = _REQUIRED, execution: bool = False,
-           cli_default: Any = None) -> Any:
+           cli_default: Any = None, bounds: Optional[Dict[str, Any]] = None) -> Any:
     """A RunConfig field that is a `slca train` option: its --help panel and text, and its flag names where they
     are not ``--field-name`` (switches: ``"--align/--no-align"``). On the command line it defaults to
-    ``cli_default`` (None: "the preset"); ``execution``: see ``execution``."""
-    metadata = {"panel": panel, "help": help, "flags": flags, "cli_default": cli_default, "execution": execution}
+    ``cli_default`` (None: "the preset"); ``execution``: see ``execution``; ``bounds``: see ``setting``."""
+    metadata = {"panel": panel, "help": help, "flags": flags, "cli_default": cli_default, "execution": execution,
+                **({"bounds": bounds} if bounds is not None else {})}
     return field(metadata=metadata) if default is _REQUIRED else field(default=default, metadata=metadata)
+
+
+def setting(default: Any, bounds: Dict[str, Any]) -> Any:
+    """A RunConfig field without a flag (the paper's fixed values), with its allowed range. ``bounds`` (checked for
+    flags and presets alike, validation.check_bounds): min / max inclusive, above an exclusive lower bound; floats
+    must also be finite; None means "off" and is not checked; tuples are checked element by element; say: how the
+    error words the rule, where the bounds alone would not tell what the number means."""
+    return field(default=default, metadata={"bounds": bounds})
 
 
 def execution(default: Any = None) -> Any:
@@ -89,20 +98,24 @@ class RunConfig:
     method: str = option(METHOD, _methods_help(), cli_default="slca")
     num_classes: int = option(DATA, "Classes to generate (synthetic only).")
     task_sizes: Tuple[int, ...]  # from --tasks, --init-classes, --increment (cli.SPLIT_FLAGS)
-    epochs: int = option(STAGE1, "Epochs per task.", default=20)
-    lr_drop_epoch: Optional[int] = option(STAGE1, "Epoch after which the learning rate drops 10x.", default=18)
-    batch_size: int = option(STAGE1, "Batch size for training and testing.", default=128)
-    lr_backbone: float = option(STAGE1, "Backbone learning rate (the slow learner).", default=1e-4)
-    lr_head: float = option(STAGE1, "Classifier learning rate.", default=1e-2)
-    momentum: float = 0.9
-    weight_decay: float = option(STAGE1, "Weight decay (also used by alignment).", default=5e-4)
+    epochs: int = option(STAGE1, "Epochs per task.", default=20, bounds=dict(min=1))
+    lr_drop_epoch: Optional[int] = option(STAGE1, "Epoch after which the learning rate drops 10x.", default=18,
+                                          bounds=dict(min=1, say="an epoch >= 1 (a drop at or after --epochs never "
+                                                                 "happens; leave the flag out for the preset)"))
+    batch_size: int = option(STAGE1, "Batch size for training and testing.", default=128, bounds=dict(min=1))
+    lr_backbone: float = option(STAGE1, "Backbone learning rate (the slow learner).", default=1e-4,
+                                bounds=dict(min=0.0))
+    lr_head: float = option(STAGE1, "Classifier learning rate.", default=1e-2, bounds=dict(above=0.0))
+    momentum: float = setting(0.9, bounds=dict(min=0.0, max=1.0))
+    weight_decay: float = option(STAGE1, "Weight decay (also used by alignment).", default=5e-4, bounds=dict(min=0.0))
     align: bool = option(ALIGNMENT, "Classifier alignment after every task (any method).", "--align/--no-align",
                          default=False)
-    ca_epochs: int = option(ALIGNMENT, "Alignment epochs.", default=5)
-    ca_samples: int = option(ALIGNMENT, "Gaussian samples per class per epoch.", default=256)
-    ca_lr: float = 0.01
-    ca_batch_size: int = 256
-    tau: float = option(ALIGNMENT, "Logit-normalization temperature.", default=0.1)
+    ca_epochs: int = option(ALIGNMENT, "Alignment epochs.", default=5, bounds=dict(min=0))
+    ca_samples: int = option(ALIGNMENT, "Gaussian samples per class per epoch.", default=256, bounds=dict(min=1))
+    ca_lr: float = setting(0.01, bounds=dict(above=0.0))
+    ca_batch_size: int = setting(256, bounds=dict(min=1))
+    tau: float = option(ALIGNMENT, "Logit-normalization temperature.", default=0.1,
+                         bounds=dict(min=1e-3))  # logits / tau: smaller ones overflow alignment in float32
     logit_norm: bool = option(ALIGNMENT, "Logit normalization.", "--logit-norm/--no-logit-norm", default=True)
     mean_scaling: str = option(ALIGNMENT, "Shrinking of old class means before sampling: task (true task of each "
                                "class), authors (their c // task_size) or off.", default="task")
@@ -110,31 +123,39 @@ class RunConfig:
                               "one).", "--fresh-norm/--keep-norm", default=True)
     restore_stage1_heads: bool = option(ALIGNMENT, "Authors' quirk: the next task starts from the unaligned heads.",
                                         "--restore-stage1-heads/--keep-aligned-heads", default=True)
-    cov_ridge: float = 1e-4
-    image_size: int = option(DATA, "Input size in pixels (default: the backbone's).", default=224)
-    mean: Tuple[float, float, float] = (0.5, 0.5, 0.5)
-    std: Tuple[float, float, float] = (0.5, 0.5, 0.5)
-    train_per_class: Optional[int] = option(DATA, "Use at most this many training images per class.", default=None)
-    test_per_class: Optional[int] = option(DATA, "Use at most this many test images per class.", default=None)
+    cov_ridge: float = setting(1e-4, bounds=dict(above=0.0))
+    image_size: int = option(DATA, "Input size in pixels (default: the backbone's).", default=224, bounds=dict(min=1))
+    mean: Tuple[float, float, float] = setting((0.5, 0.5, 0.5), bounds=dict())
+    std: Tuple[float, float, float] = setting((0.5, 0.5, 0.5), bounds=dict(above=0.0))
+    train_per_class: Optional[int] = option(DATA, "Use at most this many training images per class.", default=None,
+                                            bounds=dict(min=1))
+    test_per_class: Optional[int] = option(DATA, "Use at most this many test images per class.", default=None,
+                                           bounds=dict(min=1))
     freeze_bn: bool = option(BACKBONE, "BatchNorm backbones: keep the pre-trained running statistics (default) or "
                              "update them.", "--freeze-bn/--update-bn", default=True)
     optimizer: str = option(STAGE1, f"{' or '.join(CHOICES['optimizer'])}.", default="sgd")
     schedule: str = option(STAGE1, f"Per task: {', '.join(CHOICES['schedule'])}.", default="step")
-    min_lr: float = option(STAGE1, "Final lr of the cosine schedule.", default=0.0)
-    grad_clip: Optional[float] = option(STAGE1, "Clip the gradient norm at this value.", default=None)
-    sce_a: float = option(METHOD, "Symmetric CE: weight of cross-entropy.", default=1.0)
-    sce_b: float = option(METHOD, "Symmetric CE: weight of reverse cross-entropy (0 = plain CE).", default=0.0)
-    lora_rank: int = option(METHOD, "slca++: LoRA rank on each block's qkv, fc1, fc2.", default=0)
-    lora_scale: float = option(METHOD, "slca++: LoRA scale.", default=0.8)
-    lr_lora: Optional[float] = option(METHOD, "slca++: LoRA learning rate after the first task.", default=None)
-    lr_lora_first: Optional[float] = option(METHOD, "slca++: LoRA learning rate in the first task.", default=None)
+    min_lr: float = option(STAGE1, "Final lr of the cosine schedule.", default=0.0, bounds=dict(min=0.0))
+    grad_clip: Optional[float] = option(STAGE1, "Clip the gradient norm at this value.", default=None,
+                                        bounds=dict(above=0.0))
+    sce_a: float = option(METHOD, "Symmetric CE: weight of cross-entropy.", default=1.0, bounds=dict(min=0.0))
+    sce_b: float = option(METHOD, "Symmetric CE: weight of reverse cross-entropy (0 = plain CE).", default=0.0,
+                          bounds=dict(min=0.0))
+    lora_rank: int = option(METHOD, "slca++: LoRA rank on each block's qkv, fc1, fc2.", default=0, bounds=dict(min=0))
+    lora_scale: float = option(METHOD, "slca++: LoRA scale.", default=0.8, bounds=dict(min=0.0))
+    lr_lora: Optional[float] = option(METHOD, "slca++: LoRA learning rate after the first task.", default=None,
+                                      bounds=dict(min=0.0))
+    lr_lora_first: Optional[float] = option(METHOD, "slca++: LoRA learning rate in the first task.", default=None,
+                                            bounds=dict(min=0.0))
     sample_shrink: float = option(METHOD, "slca++: mean s of the old-class sample shrinking 1/(1 + s (T - t)) in "
-                                  "alignment (0 = off).", default=0.0)
-    prompt_pool: int = option(METHOD, "l2p/dualprompt: prompts (and keys) in the pool.", default=10)
-    prompt_length: int = option(METHOD, "l2p: tokens per prompt; dualprompt: E-prompt length.", default=5)
-    prompt_top_k: int = option(METHOD, "l2p: prompts chosen per image.", default=5)
-    g_prompt_length: int = option(METHOD, "dualprompt: G-prompt length.", default=5)
-    matching_weight: float = option(METHOD, "l2p/dualprompt: weight of the key-query matching loss.", default=0.1)
+                                  "alignment (0 = off).", default=0.0, bounds=dict(min=0.0))
+    prompt_pool: int = option(METHOD, "l2p/dualprompt: prompts (and keys) in the pool.", default=10, bounds=dict(min=1))
+    prompt_length: int = option(METHOD, "l2p: tokens per prompt; dualprompt: E-prompt length.", default=5,
+                                bounds=dict(min=1))
+    prompt_top_k: int = option(METHOD, "l2p: prompts chosen per image.", default=5, bounds=dict(min=1))
+    g_prompt_length: int = option(METHOD, "dualprompt: G-prompt length.", default=5, bounds=dict(min=1))
+    matching_weight: float = option(METHOD, "l2p/dualprompt: weight of the key-query matching loss.", default=0.1,
+                                    bounds=dict(min=0.0))
     covariance: str = option(ALIGNMENT, "Class covariances: ridge (the paper's + 1e-4 I) or shrinkage (OAS, from the "
                              "accumulated sums).", default="ridge")  # closed_form.py
     align_mode: str = option(ALIGNMENT, "sampled (the paper's Gaussian samples) or closed-form (LDA heads from the "
@@ -143,20 +164,21 @@ class RunConfig:
                                      "a drift map fitted on each task's images before and after stage 1.",
                                      default="off")  # drift.py
     drift_views: int = option(ALIGNMENT, "Drift fit: augmented views of the task's images (plus one unaugmented "
-                              "pass).", default=8)
+                              "pass).", default=8, bounds=dict(min=0))
     drift_ridge: float = option(ALIGNMENT, "Drift fit: ridge, relative to the features' mean eigenvalue.",
-                                default=1.0)
+                                default=1.0, bounds=dict(above=0.0))
     ranpac_dim: int = option(METHOD, "ranpac: random projection size M (the M x M Gram matrix is 4 M^2 bytes; "
-                             "default 10000: 381 MiB).", default=10000)
+                             "default 10000: 381 MiB).", default=10000, bounds=dict(min=1))
     ranpac_adapt: bool = option(METHOD, "ranpac: adapt the backbone on the first task (slow-learner rates) before "
                                 "freezing it (default: off, training-free).", "--ranpac-adapt/--no-ranpac-adapt",
                                 default=False)
     cofima_alpha: float = option(METHOD, "cofima: weight of the new task's backbone in the Fisher-weighted merge with "
-                                 "the previous task's (paper: 0.4; CUB and Cars 0.5).", default=0.4)
+                                 "the previous task's (paper: 0.4; CUB and Cars 0.5).", default=0.4,
+                                 bounds=dict(above=0.0, max=1.0))
     fisher_max: float = option(METHOD, "cofima: clamp of every diagonal Fisher entry (the authors' 1e-4).",
-                               default=1e-4)
+                               default=1e-4, bounds=dict(above=0.0))
     ortho_weight: float = option(METHOD, "coda-prompt: weight of the orthogonality penalty on keys, attention vectors "
-                                 "and prompts (paper: 0).", default=0.0)
+                                 "and prompts (paper: 0).", default=0.0, bounds=dict(min=0.0))
     # Where the inputs are (the data's file-list checksum and the weights' sha256 are checked separately).
     data_root: Optional[str] = option(DATA, "Where the dataset lives (see `slca datasets`).", default=None,
                                       execution=True)
@@ -166,7 +188,7 @@ class RunConfig:
     precision: str = option(SPEED, "auto (bf16 on GPUs that support it, else fp32; under accelerate launch its "
                             "config's), fp32, bf16, or fp16 (with loss scaling).", default="auto", execution=True)
     workers: Optional[int] = option(SPEED, "Data-loader processes per training process (default: the machine's cores "
-                                    "shared among the processes).", default=None, execution=True)
+                                    "shared among the processes).", default=None, execution=True, bounds=dict(min=0))
     compile: bool = option(SPEED, "torch.compile the backbone (faster steps on GPUs after a warm-up).",
                            "--compile/--no-compile", default=False, execution=True)
     device_augment: Optional[bool] = option(
@@ -175,9 +197,11 @@ class RunConfig:
         "PIL on host loader workers.", "--augment-on-device/--augment-on-host", default=None,
         execution=True)  # None: on where the dataset supports it on a GPU
     checkpoint_every: int = option(RUN, "Also save the task being trained every N epochs (in-progress/), so --resume "
-                                   "continues mid-task. 0: off.", default=0, execution=True)
+                                   "continues mid-task. 0: off.", default=0, execution=True,
+                                   bounds=dict(min=0, say="0 (off) or a number of epochs"))
     skip_bad_images: bool = option(DATA, "Decode every image first and leave unreadable ones out (listed in "
-                                   "skipped-images.json) instead of stopping.", "--skip-bad-images/--stop-on-bad-images",
+                                   "skipped-images.json) instead of stopping.",
+                                   "--skip-bad-images/--stop-on-bad-images",
                                    default=False, execution=True)  # a skipped image changes the data checksum
     overridden: Tuple[str, ...] = execution(())  # the settings given as flags (the rest are presets)
 
@@ -257,54 +281,20 @@ def resolve_config(dataset: str, backbone: str, method: str, *, backbone_family:
 
 
 def _check(cfg: RunConfig) -> None:
-    positive = dict(epochs=cfg.epochs, batch_size=cfg.batch_size, image_size=cfg.image_size,
-                    ca_samples=cfg.ca_samples, ca_batch_size=cfg.ca_batch_size, ranpac_dim=cfg.ranpac_dim)
-    if cfg.checkpoint_every < 0:
-        raise SlcaError(f"--checkpoint-every must be 0 (off) or a number of epochs, got {cfg.checkpoint_every}")
-    for name, value in positive.items():
-        if value < 1:
-            raise SlcaError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-    if cfg.ca_epochs < 0:
-        raise SlcaError(f"--ca-epochs must be 0 or more, got {cfg.ca_epochs}")
-    if cfg.tau <= 0:
-        raise SlcaError(f"--tau must be positive, got {cfg.tau}")
+    """Every numeric setting within its declared bounds (validation.BOUNDS, for flags and presets alike), every named
+    one a known choice, and the rules that tie settings together."""
+    from .validation import check_bounds
+    check_bounds(cfg.to_dict())
     for name in CHOICES:
         check_choice(name, getattr(cfg, name))
-    if cfg.drift_views < 0 or cfg.drift_ridge <= 0:
-        raise SlcaError(f"--drift-views must be >= 0 and --drift-ridge > 0, got {cfg.drift_views} and "
-                        f"{cfg.drift_ridge}")
     if cfg.drift_compensation != "off" and not cfg.align:
         raise SlcaError(f"--drift-compensation moves the class statistics that classifier alignment uses; --method "
                         f"{cfg.method} does not align them: use --method slca (or slca++), or drop the flag")
-    if cfg.lr_backbone < 0 or cfg.lr_head <= 0:
-        raise SlcaError("--lr-backbone must be >= 0 and --lr-head > 0")
-    for name in ("train_per_class", "test_per_class"):
-        value = getattr(cfg, name)
-        if value is not None and value < 1:
-            raise SlcaError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-    _check_method_settings(cfg)
-
-
-def _check_method_settings(cfg: RunConfig) -> None:
-    for name in ("prompt_pool", "prompt_length", "prompt_top_k", "g_prompt_length"):
-        if getattr(cfg, name) < 1:
-            raise SlcaError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
     if cfg.prompt_top_k > cfg.prompt_pool:
         raise SlcaError(f"--prompt-top-k {cfg.prompt_top_k} is larger than --prompt-pool {cfg.prompt_pool}; "
                         f"select at most as many prompts as the pool holds")
-    if cfg.lora_rank < 0:
-        raise SlcaError(f"--lora-rank must be 0 (no LoRA) or more, got {cfg.lora_rank}")
-    if cfg.sce_a < 0 or cfg.sce_b < 0 or cfg.sce_a + cfg.sce_b == 0:
+    if cfg.sce_a + cfg.sce_b == 0:
         raise SlcaError(f"--sce-a and --sce-b must be >= 0 and not both 0, got {cfg.sce_a} and {cfg.sce_b}")
-    if cfg.grad_clip is not None and cfg.grad_clip <= 0:
-        raise SlcaError(f"--grad-clip must be positive, got {cfg.grad_clip}")
-    if not 0 < cfg.cofima_alpha <= 1 or cfg.fisher_max <= 0:
-        raise SlcaError(f"--cofima-alpha must be in (0, 1] and --fisher-max > 0, got {cfg.cofima_alpha} and "
-                        f"{cfg.fisher_max}")
-    if cfg.ortho_weight < 0:
-        raise SlcaError(f"--ortho-weight must be >= 0, got {cfg.ortho_weight}")
-    if cfg.matching_weight < 0 or cfg.min_lr < 0 or cfg.sample_shrink < 0 or cfg.weight_decay < 0:
-        raise SlcaError("--matching-weight, --min-lr, --sample-shrink and --weight-decay must be >= 0")
 
 
 def task_split_request(dataset: str, tasks: Optional[int], init_classes: Optional[int],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import platform
 import resource
 import sys
@@ -14,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional
 import torch
 
 from . import __version__
-from .checkpoint import atomic_write_json, atomic_write_text, rng_state, save_task, sha256_file
+from .checkpoint import atomic_write_json, atomic_write_text, read_state, rng_state, save_task, sha256_file
 from .errors import SlcaError
 from .metrics import summarize
 from .presets import RunConfig, identity
@@ -70,6 +71,41 @@ def write_run_records(run_dir: Path, header: Dict[str, Any], data) -> None:
         atomic_write_json(run_dir / name, content)
 
 
+def previous_header(run_dir: Path) -> Optional[Dict[str, Any]]:
+    """The config.json a resumed run wrote when it started (None when absent or unreadable)."""
+    path = run_dir / "config.json"
+    try:
+        header = json.loads(path.read_text(encoding="utf-8")) if path.is_file() and not path.is_symlink() else None
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    return header if isinstance(header, dict) else None
+
+
+def run_fingerprint(data, recorded_by: Optional[Dict[str, Any]]) -> str:
+    """The data checksum this run records: today's (names in NFC form), or, for a run folder written before names
+    were normalized, the legacy one it recorded (``recorded_by``: the last task's state or config.json), as long
+    as it is this data's, so the folder stays resumable."""
+    recorded = (recorded_by or {}).get("data_fingerprint")
+    if isinstance(recorded, str) and recorded != data.fingerprint() and data.matches(recorded):
+        return recorded
+    return data.fingerprint()
+
+
+def check_same_weights(previous: Dict[str, Any], header: Dict[str, Any], run_dir: Path) -> None:
+    """--resume continues from the weights file the run started with: same content (sha256), wherever it is now."""
+    before, now = previous.get("weights_sha256"), header.get("weights_sha256")
+    if before == now:
+        return
+    if before is None:
+        raise SlcaError(f"--resume: {run_dir} was started without --weights (the backbone's published weights); "
+                        f"drop --weights, or start a new run with another --out")
+    where = (previous.get("config") or {}).get("weights") if isinstance(previous.get("config"), dict) else None
+    given = f"--weights {header['config']['weights']} has other content" if now else "no --weights was given"
+    raise SlcaError(f"--resume: {run_dir} was started from the weights file {where} (sha256 {str(before)[:12]}...), "
+                    f"but {given}; pass a file with that content (it may have moved), or start a new run with "
+                    f"another --out")
+
+
 def library_versions() -> Dict[str, str]:
     import accelerate
     import numpy as np
@@ -95,12 +131,28 @@ def save_finished_task(run_dir: Path, task: int, cfg: RunConfig, model: Continua
         stats_tensors["drift"] = drift
     state = {"format": "slca-task", "version": 1, "task": task, "seed": header["seed"], "config": cfg.to_dict(),
              "class_order": header["class_order"], "class_names": header["class_names"],
+             **({"sources": header["sources"]} if "sources" in header else {}),
              "task_sizes": list(cfg.task_sizes), "counts": point.counts,
              "metrics": {k: record[k] for k in ("accuracy_matrix", "task_accuracy", "last_acc", "inc_acc",
                                                "forgetting")},
              "seconds": point.seconds, "peak_memory_mb": point.memory, "train_loss": point.train_loss,
-             "rng": rng_state(), "data_fingerprint": header["data_fingerprint"]}
-    save_task(run_dir, task, model_tensors, stats_tensors, state)
+             "rng": rng_state(), "data_fingerprint": header["data_fingerprint"],
+             "previous_state_sha256": point.state_sha256}
+    final = save_task(run_dir, task, model_tensors, stats_tensors, state)
+    point.state_sha256 = read_state(final).raw["state_sha256"]
+
+
+def finished_tensors(model: ContinualModel, stage1_heads, means, chol, method_state, drift
+                     ) -> Dict[str, Dict[str, torch.Tensor]]:
+    """What ``save_finished_task`` writes, by part, for the non-finite check before it."""
+    weights = model.state_dict()
+    stats = {"means": means, "chol": chol, **{f"method.{k}": v for k, v in method_state.items()}}
+    if drift is not None:
+        stats["drift"] = drift
+    return {"class statistics": stats,
+            "classifier heads": {**{k: v for k, v in weights.items() if k.startswith("task_heads.")},
+                                 **{f"stage1_heads.{k}": v for k, v in stage1_heads.items()}},
+            "backbone": {k: v for k, v in weights.items() if not k.startswith("task_heads.")}}
 
 
 def task_line(seed: int, task: int, cfg: RunConfig, record: Dict[str, Any]) -> str:

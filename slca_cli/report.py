@@ -155,10 +155,16 @@ def find_seed_runs(paths: Iterable[Path], warn: Callable[[str], None] = print) -
         for metrics_file in candidates:
             folder = metrics_file.parent
             if (folder / "config.json").is_file() and folder.resolve() not in found:
-                run = _read_run(folder)
-                if run.metrics.get("tasks_done", len(run.metrics["task_accuracy"])) < len(run.config["task_sizes"]):
-                    warn(f"warning: {folder} is unfinished ({len(run.metrics['task_accuracy'])} of "
-                         f"{len(run.config['task_sizes'])} tasks); left out of the report")
+                try:
+                    run = _read_run(folder)
+                    if run.metrics.get("tasks_done", len(run.metrics["task_accuracy"])) < len(
+                            run.config["task_sizes"]):
+                        warn(f"warning: {folder} is unfinished ({len(run.metrics['task_accuracy'])} of "
+                             f"{len(run.config['task_sizes'])} tasks); left out of the report")
+                        continue
+                    run = _checked_metrics(run, warn)
+                except SlcaError as exc:  # one damaged run never hides the others
+                    warn(f"warning: {exc}; left out of the report")
                     continue
                 found[folder.resolve()] = run
     if not found:
@@ -168,24 +174,140 @@ def find_seed_runs(paths: Iterable[Path], warn: Callable[[str], None] = print) -
 
 
 def _read_run(folder: Path) -> SeedRun:
-    try:
-        header = json.loads((folder / "config.json").read_text())
-        metrics = json.loads((folder / "metrics.json").read_text())
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise SlcaError(f"{folder} holds a damaged config.json or metrics.json ({exc.__class__.__name__}); "
-                        f"remove the folder or re-run it with --resume") from None
-    config = header.get("config", {})
+    """One seed folder's config.json and metrics.json: the config and the progress fields checked (SlcaError
+    naming the folder and the field); the metrics are checked by _checked_metrics."""
+    header, metrics = _read_json(folder, "config.json"), _read_json(folder, "metrics.json")
+    config = header.get("config") if isinstance(header, dict) else None
+    if not isinstance(config, dict) or not isinstance(metrics, dict):
+        raise SlcaError(f"{folder} is damaged (config.json's 'config' or metrics.json is not an object)")
     if "method" not in config or "task_sizes" not in config or "task_accuracy" not in metrics:
         raise SlcaError(f"{folder} is not an slca run folder (config.json or metrics.json lacks its fields)")
+    problem = config_problem(config)
+    seed = header.get("seed", metrics.get("seed", 0))
+    if problem is None and not _is_int(seed):
+        problem = "config.json: 'seed' is not an integer"
+    if problem is None and not (_numbers(metrics["task_accuracy"]) and _is_int(metrics.get("tasks_done", 0))):
+        problem = "metrics.json: 'task_accuracy' or 'tasks_done' is malformed"
+    if problem is not None:
+        raise SlcaError(f"{folder} is damaged ({problem})")
+    return SeedRun(folder, seed, config, metrics)
+
+
+def _checked_metrics(run: SeedRun, warn: Callable[[str], None]) -> SeedRun:
+    """A finished run's metrics: every field the report uses checked, the accuracies checked against the last task
+    folder's state.json, the probe's accuracy added where `slca probe` ran on the final model."""
+    folder, config, metrics = run.path, run.config, run.metrics
+    problem = metrics_problem(metrics, len(config["task_sizes"]))
+    if problem is not None:
+        raise SlcaError(f"{folder} is damaged ({problem})")
+    metrics = checked_against_tasks(folder, dict(metrics, task_sizes=metrics.get("task_sizes", config["task_sizes"])),
+                                    len(config["task_sizes"]), warn)
     probe_file = folder / "probe.json"
     if probe_file.is_file():  # written by `slca probe`; only a probe of the final model counts here
         try:
             probe = json.loads(probe_file.read_text())
-        except ValueError:
+        except (OSError, ValueError, UnicodeDecodeError):
             probe = {}
-        if probe.get("task") == len(metrics["task_accuracy"]):
+        if isinstance(probe, dict) and probe.get("task") == len(metrics["task_accuracy"]) and _is_number(
+                probe.get("probe_accuracy")):
             metrics = dict(metrics, probe_accuracy=probe.get("probe_accuracy"))
-    return SeedRun(folder, int(header.get("seed", metrics.get("seed", 0))), config, metrics)
+    return SeedRun(folder, run.seed, config, metrics)
+
+
+def _read_json(folder: Path, name: str) -> Any:
+    try:
+        return json.loads((folder / name).read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise SlcaError(f"{folder} holds a damaged {name} ({exc.__class__.__name__}); remove the folder or re-run it "
+                        f"with --resume") from None
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _numbers(value: Any, length: Optional[int] = None, optional: bool = False) -> bool:
+    """A list of finite numbers (or None where ``optional``), of ``length`` when given."""
+    return isinstance(value, list) and (length is None or len(value) == length) and all(
+        _is_number(v) or (optional and v is None) for v in value)
+
+
+def config_problem(config: Dict[str, Any]) -> Optional[str]:
+    """What the report reads from config.json's ``config``, by type; None when all is well."""
+    for key in ("dataset", "backbone", "method"):
+        if not isinstance(config.get(key), str):
+            return f"config.json: '{key}' is not a name"
+    sizes = config.get("task_sizes")
+    if not isinstance(sizes, list) or not sizes or not all(_is_int(s) and s > 0 for s in sizes):
+        return "config.json: 'task_sizes' is not a list of positive integers"
+    return None
+
+
+def metrics_problem(metrics: Dict[str, Any], num_tasks: int) -> Optional[str]:
+    """What the report reads from metrics.json, by type and length; None when all is well."""
+    accuracy = metrics.get("task_accuracy")
+    if not _numbers(accuracy) or len(accuracy) > num_tasks:
+        return "metrics.json: 'task_accuracy' is not a list of numbers, one per finished task"
+    done = len(accuracy)
+    if "tasks_done" in metrics and not _is_int(metrics["tasks_done"]):
+        return "metrics.json: 'tasks_done' is not an integer"
+    sizes = metrics.get("task_sizes")
+    if "task_sizes" in metrics and not (isinstance(sizes, list) and len(sizes) == num_tasks and all(
+            _is_int(s) and s > 0 for s in sizes)):
+        return "metrics.json: 'task_sizes' does not match config.json"
+    matrix = metrics.get("accuracy_matrix")
+    if not isinstance(matrix, list) or len(matrix) != done or not all(_numbers(row, num_tasks, True) for row in matrix):
+        return "metrics.json: 'accuracy_matrix' is not a tasks x tasks list of numbers"
+    for key in ("last_acc", "inc_acc", "forgetting"):
+        if metrics.get(key) is not None and not _is_number(metrics[key]):
+            return f"metrics.json: '{key}' is not a number"
+    for key in ("old_accuracy", "new_accuracy"):
+        if key in metrics and not _numbers(metrics[key], done, True):
+            return f"metrics.json: '{key}' is not a list of numbers, one per finished task"
+    return None
+
+
+# metrics.json's numbers that are recomputed from the last task folder's counts (metrics.summarize).
+CHECKED_METRICS = ("accuracy_matrix", "task_accuracy", "old_accuracy", "new_accuracy", "last_acc", "inc_acc",
+                   "forgetting")
+
+
+def checked_against_tasks(folder: Path, metrics: Dict[str, Any], num_tasks: int,
+                          warn: Callable[[str], None]) -> Dict[str, Any]:
+    """metrics.json's accuracies recomputed from the last finished task's state.json (its counts, covered by the
+    state's own checksum). An edited or damaged metrics.json is reported with the task folders' numbers and a
+    warning; without a readable task folder the report says it cannot check."""
+    from .checkpoint import read_state, task_dir_name
+    from .metrics import summarize
+
+    done = len(metrics["task_accuracy"])
+    if done == 0:
+        return metrics
+    task_dir = folder / task_dir_name(done - 1)
+    try:
+        state = read_state(task_dir)
+    except SlcaError as exc:
+        warn(f"warning: cannot check {folder / 'metrics.json'} against its task folders ({exc}); reported as "
+             f"written")
+        return metrics
+    recomputed = summarize(state.counts, num_tasks)
+    differ = [k for k in CHECKED_METRICS if not _same_numbers(metrics.get(k), recomputed[k])]
+    if differ:
+        warn(f"warning: {folder / 'metrics.json'} disagrees with {task_dir.name}/state.json on {', '.join(differ)} "
+             f"(edited or damaged); the report uses the task folders' numbers")
+    return dict(metrics, **{k: recomputed[k] for k in CHECKED_METRICS})
+
+
+def _same_numbers(a: Any, b: Any) -> bool:
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_same_numbers(x, y) for x, y in zip(a, b))
+    if a is None or b is None:
+        return a is None and b is None
+    return _is_number(a) and _is_number(b) and math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-9)
 
 
 def group_runs(runs: Sequence[SeedRun]) -> List[Group]:
@@ -386,8 +508,19 @@ def build_report(paths: Sequence[Path], out: Path, paper: bool = False, figures:
                  warn: Callable[[str], None] = print) -> Dict[str, Any]:
     """Read the runs, write results.{md,csv,json} and figures/ under ``out``; return the JSON record plus
     the Markdown text under ``markdown``."""
-    groups = group_runs(find_seed_runs(paths, warn))
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise SlcaError(f"--out {out} is a file; give a folder (results.md, results.csv, results.json and figures/ "
+                        f"are written into it)")
+    groups = group_runs(find_seed_runs(paths, warn))
+    try:
+        return _write_report(groups, out, paper, figures)
+    except OSError as exc:
+        raise SlcaError(f"cannot write the report under {out} ({exc.strerror or exc.__class__.__name__}"
+                        f"{': ' + str(exc.filename) if exc.filename else ''}); choose another --out") from None
+
+
+def _write_report(groups: List[Group], out: Path, paper: bool, figures: bool) -> Dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     header, rows = results_rows(groups, paper)
     sections = ["# slca report", "", "Last-Acc / Inc-Acc: accuracy (%) on all seen classes after the last task / "

@@ -9,6 +9,7 @@ import torch
 from .backbones import BackboneSpec, get_backbone
 
 from .data import DatasetSplits, attach_transforms, load_dataset
+from .errors import SlcaError
 from .methods import get_method
 from .presets import RunConfig, resolve_config, task_split_request
 from .protocol import resolve_task_sizes
@@ -40,7 +41,9 @@ def resolve_run(dataset: str, backbone: str, method: str, flags: Dict[str, Any])
                          num_classes=data.num_classes, task_sizes=sizes, overrides=flags,
                          backbone_defaults=dict(spec.defaults))
     cfg = policy.finalize_config(cfg)
-    policy.check_backbone(spec.name, lambda: _probe_backbone(spec))
+    probe = _probe_backbone(spec)
+    policy.check_backbone(spec.name, lambda: probe)
+    check_image_size(spec.name, probe, cfg.image_size)
     if dataset == "synthetic":
         cfg = cfg.replace(train_per_class=len(data.train) // data.num_classes,
                           test_per_class=len(data.test) // data.num_classes)
@@ -50,6 +53,18 @@ def resolve_run(dataset: str, backbone: str, method: str, flags: Dict[str, Any])
         cfg = cfg.replace(data_root=str(Path(cfg.data_root).expanduser().resolve()))
     attach_transforms(data, cfg.image_size, cfg.mean, cfg.std)
     return cfg, data
+
+
+def check_image_size(name: str, probe, image_size: int) -> None:
+    """A ViT built for one input size (a fixed position-embedding grid, timm's strict_img_size) takes no other."""
+    patch_embed = getattr(probe, "patch_embed", None)
+    fixed = getattr(patch_embed, "img_size", None)
+    if fixed is None or not getattr(patch_embed, "strict_img_size", False) or getattr(probe, "dynamic_img_size",
+                                                                                       False):
+        return
+    if tuple(fixed) != (image_size, image_size):
+        raise SlcaError(f"--image-size {image_size} does not fit backbone {name}: it takes {fixed[0]} x {fixed[1]} px "
+                        f"inputs only; leave --image-size out or pass {fixed[0]}")
 
 
 def _probe_backbone(spec: BackboneSpec):

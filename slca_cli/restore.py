@@ -14,6 +14,7 @@ from .checkpoint import (MODEL_FILE, STATS_FILE, TaskState, check_tensor_file, c
 from .data import DatasetSplits
 from .drift import compensate
 from .errors import SlcaError
+from .finite import require_finite_weights
 from .methods import get_method
 from .midtask import refuse_leftover
 from .model import ContinualModel, replace_final_norm
@@ -77,6 +78,7 @@ class ResumePoint:
     means: List[torch.Tensor] = field(default_factory=list)
     chols: List[torch.Tensor] = field(default_factory=list)
     last: Optional[Tuple[TaskState, Tensors]] = None  # the last finished task's state and model tensors
+    state_sha256: Optional[str] = None  # the last finished task's state checksum: the next one links to it
     method_state: Tensors = field(default_factory=dict)  # what Method.fit_classifier returned after it
 
     def apply_drift(self, drift: torch.Tensor) -> None:
@@ -115,6 +117,7 @@ def find_resume_point(run_dir: Path, cfg: RunConfig, log: Callable[[str], None])
     point.start_task = state.task + 1
     point.counts, point.seconds, point.memory = state.counts, state.seconds, state.peak_memory_mb
     point.train_loss = state.train_loss
+    point.state_sha256 = state.raw.get("state_sha256")
     log(f"resuming {run_dir} after {state.task_dir.name} ({point.start_task}/{cfg.num_tasks} tasks done)")
     return point
 
@@ -123,7 +126,10 @@ def starting_model(cfg: RunConfig, seed: int, point: ResumePoint) -> ContinualMo
     """The model a run starts from: on --resume the last finished task's (without the pre-trained weights; its RNG
     state restored too), else the pre-trained backbone."""
     if point.last is None:
-        return build_model(cfg, get_backbone(cfg.backbone), pretrained=True, seed=seed)
+        model = build_model(cfg, get_backbone(cfg.backbone), pretrained=True, seed=seed)
+        require_finite_weights(model.backbone.state_dict(), f"--weights {cfg.weights}" if cfg.weights else
+                               f"backbone {cfg.backbone}")
+        return model
     model, _ = restore_model(point.last[0].task_dir, cfg=cfg, stage1_heads=cfg.restore_stage1_heads,
                              opened=point.last)
     set_rng_state(point.last[0].rng)
@@ -143,9 +149,13 @@ def checkpoint_data(state: TaskState, data_root: Optional[str]) -> DatasetSplits
     """The data of a finished task: --data-root, else the validated root recorded at training time; the file-list
     checksum must equal the one the task was trained on."""
     cfg = state.config
-    root = data_root if data_root is not None else stored_data_root(cfg, state.task_dir / "state.json")
-    data = load_data_for(cfg, root)
-    if data.fingerprint() != state.data_fingerprint:
+    if "sources" in state.raw:  # a continued run: its classes came from several folders (grow.py)
+        from .grow import data_for_state
+        data = data_for_state(state, data_root)
+    else:
+        root = data_root if data_root is not None else stored_data_root(cfg, state.task_dir / "state.json")
+        data = load_data_for(cfg, root)
+    if not data.matches(state.data_fingerprint):
         raise SlcaError(f"the data under {data.root or cfg.dataset} differs from the data this checkpoint was "
                         f"trained on (file list checksum); point --data-root at the same files")
     return data

@@ -16,6 +16,7 @@ from .data import DatasetSplits
 from .data.loaders import PassLoaders, resolve_device_augment
 from .drift import around_stage1, drift_features, drift_loaders
 from .distributed import check_batch_split, sum_across_processes
+from .finite import require_finite_task
 from .learner import class_statistics, evaluate, feature_batches, fit_task
 from .methods import get_method
 from .methods.base import ClassifierInputs, Method, Stage1Inputs
@@ -24,8 +25,9 @@ from .model import ContinualModel
 from .presets import RunConfig
 from .progress import alignment_progress, progress
 from .protocol import class_order
-from .records import (RunIdentity, log_task_scalars, metrics_record, peak_memory_mb, run_header, save_finished_task,
-                      task_line, write_metrics, write_run_records)
+from .records import (RunIdentity, check_same_weights, finished_tensors, log_task_scalars, metrics_record,
+                      peak_memory_mb, previous_header, run_fingerprint, run_header, save_finished_task, task_line,
+                      write_metrics, write_run_records)
 from .restore import ResumePoint, find_resume_point, fresh_start, starting_model
 from .signals import uninterruptible
 from .stages import mark
@@ -79,6 +81,7 @@ def run_seed(cfg: RunConfig, seed: int, run_dir: Path, accelerator, data: Datase
         means, chol = statistics(s, task)
         fit_classifier(s, task, means)
         stage1_heads, align_losses = align(s, task)
+        require_finite_task(index, finished_tensors(s.model, stage1_heads, means, chol, point.method_state, drift))
         evaluate_task(s, task)
         point.seconds.append(time.perf_counter() - started)
         point.memory.append(peak_memory_mb(s.accelerator.device))
@@ -97,20 +100,27 @@ def run_seed(cfg: RunConfig, seed: int, run_dir: Path, accelerator, data: Datase
 def start_seed(cfg: RunConfig, seed: int, run_dir: Path, accelerator, data: DatasetSplits, resume: bool, log: Log,
                show_progress: bool) -> Seed:
     """The model (pre-trained, or the last finished task's on --resume), config.json, the loaders, the trackers."""
-    order = class_order(data.num_classes, seed)  # seeds NumPy's global RNG: before the checkpoint's RNG state
+    # A continued run (grow.py) keeps the order its classes were learned in. class_order seeds NumPy's global RNG:
+    # before the checkpoint's RNG state is restored.
+    order = data.class_order or class_order(data.num_classes, seed)
     run_dir.mkdir(parents=True, exist_ok=True)
     point = find_resume_point(run_dir, cfg, log) if resume else fresh_start(run_dir)
     model = starting_model(cfg, seed, point).to(accelerator.device)
     check_batch_split(cfg.batch_size, accelerator.num_processes)
     cfg = cfg.replace(device_augment=resolve_device_augment(cfg.device_augment, data, accelerator.device,
                                                             cfg.image_size, log))
-    run = RunIdentity(seed, order, data.fingerprint(), cfg)
+    previous = previous_header(run_dir) if resume else None
+    run = RunIdentity(seed, order, run_fingerprint(data, point.last[0].raw if point.last else previous), cfg)
+    header = run_header(run, data.class_names)
+    if data.sources:  # a continued run (grow.py): where each task's classes came from
+        header["sources"] = data.sources
+    if previous is not None:
+        check_same_weights(previous, header, run_dir)
     if point.last is not None:
         run.check_continues(point.last[0].raw, point.last[0].task_dir)
     epoch_checkpoints = EpochCheckpoints(run_dir, cfg.checkpoint_every, run, log, accelerator.is_main_process)
     if resume:
         epoch_checkpoints.adopt(point.start_task)
-    header = run_header(run, data.class_names)
     if accelerator.is_main_process:
         write_run_records(run_dir, header, data)
     if data.skipped:

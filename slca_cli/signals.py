@@ -61,6 +61,7 @@ def stop_signals_handled() -> Iterator[None]:
         yield
         return
     previous = {s: signal.getsignal(s) for s in HANDLED}
+    previous_owner = _owner_pid
     _owner_pid, _pending = os.getpid(), None
     for s in HANDLED:
         signal.signal(s, _handler)
@@ -69,7 +70,31 @@ def stop_signals_handled() -> Iterator[None]:
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler if handler is not None else signal.SIG_DFL)
-        _owner_pid = None
+        _owner_pid = previous_owner
+
+
+def install_at_startup() -> None:
+    """The `slca` process's first act, before torch and the rest are imported (which takes seconds): from here on
+    SIGINT / SIGTERM raise ``RunInterrupted``, so a stop while starting ends in one line saying where it was
+    (cli.main), never an import's traceback. Main thread only."""
+    global _owner_pid
+    if threading.current_thread() is not threading.main_thread():
+        return
+    _owner_pid = os.getpid()
+    for s in HANDLED:
+        signal.signal(s, _handler)
+
+
+def interrupt_in_chain(exc: Optional[BaseException]) -> Optional[KeyboardInterrupt]:
+    """The KeyboardInterrupt behind ``exc`` (Typer turns one into a silent ``Exit(130)``) that no one has reported
+    yet, if any."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, KeyboardInterrupt):
+            return None if getattr(exc, "reported", False) else exc
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 @contextmanager
@@ -86,3 +111,15 @@ def uninterruptible() -> Iterator[None]:
     if _depth == 0 and _pending is not None:
         signum, _pending = _pending, None
         raise RunInterrupted(signum)
+
+
+def startup_interrupt_message(stop: BaseException) -> str:
+    """One line for a stop outside a seed's run (those name the task and the resume command: guard.py)."""
+    import sys
+    from . import stages
+    name = getattr(stop, "signal_name", "SIGINT")
+    command = " ".join(sys.argv[1:2])
+    where = stages.describe() if stages.current() else "starting: loading libraries"
+    kept = ("what had finished is kept" if "task" in stages.current() else
+            "no task was being trained or written, nothing is lost")
+    return f"interrupted by {name} during `slca {command}` ({where}); {kept}: run the same command again"

@@ -17,9 +17,10 @@ STALL_SECONDS = float(os.environ.get("SLCA_STALL_SECONDS", "3600"))
 
 _current: Dict[str, object] = {}
 
-STAGE_NAMES = {"task": "setting up", "fit": "stage-1 training", "fisher": "the Fisher pass (cofima)",
-               "statistics": "class statistics", "align": "classifier alignment", "evaluate": "evaluation",
-               "save": "writing the checkpoint", "save-epoch": "writing the mid-task checkpoint",
+STAGE_NAMES = {"start": "starting", "command": "running the command", "task": "setting up",
+               "fit": "stage-1 training", "fisher": "the Fisher pass (cofima)", "statistics": "class statistics",
+               "align": "classifier alignment", "evaluate": "evaluation", "save": "writing the checkpoint",
+               "save-epoch": "writing the mid-task checkpoint",
                "metrics": "writing the metrics"}
 
 
@@ -59,6 +60,8 @@ def describe(where: Optional[Dict[str, object]] = None) -> str:
     stage = str(where.get("stage"))
     text = f"task {where['task']}, " if "task" in where else ""
     text += STAGE_NAMES.get(stage, stage)
+    if "step" in where:
+        text += f": {where['step']}"
     if "folder" in where:
         text += f" {where['folder']}/"
     if "epoch" in where:

@@ -144,6 +144,13 @@ class RunTrackers:
 
 def close_open_trackers() -> None:
     """Finish the tracker runs of seeds that stopped part-way (an error, Ctrl-C), so that a resume in the same
-    process (a notebook, the tests) can continue them; the CLI calls it after its seeds."""
+    process (a notebook, the tests) can continue them; the CLI calls it after its seeds. This is clean-up after
+    the error that stopped the seed was reported: a failure here (the disk that filled up, still full) is not
+    reported again."""
     for trackers in list(_OPEN):
-        trackers.close()
+        try:
+            trackers.close()
+        except Exception:
+            trackers.writer = None
+            if trackers in _OPEN:
+                _OPEN.remove(trackers)

@@ -6,9 +6,10 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
+import math
 import re
 from pathlib import Path
-from typing import Any, Union, get_args, get_origin, get_type_hints
+from typing import Any, Dict, Optional, Union, get_args, get_origin, get_type_hints
 
 from .errors import SlcaError
 from .presets import RunConfig
@@ -122,6 +123,8 @@ def check_task_state(state: Any, path: Path) -> RunConfig:
     names = state.get("class_names", [""] * cfg.num_classes)  # absent in runs written before names were stored
     if not isinstance(names, list) or len(names) != cfg.num_classes or not all(isinstance(n, str) for n in names):
         raise bad("class_names")
+    if "sources" in state and not sources_fit(state["sources"], cfg):
+        raise bad("sources")
     counts = state.get("counts")
     if not isinstance(counts, list) or len(counts) != task + 1:
         raise bad("counts")
@@ -146,6 +149,29 @@ def check_task_state(state: Any, path: Path) -> RunConfig:
     return cfg
 
 
+def _absolute(path: Any) -> bool:
+    return isinstance(path, str) and "\x00" not in path and Path(path).is_absolute()
+
+
+def sources_fit(sources: Any, cfg: RunConfig) -> bool:
+    """A continued run's ``sources`` (grow.py): the first one a dataset, then folders, absolute paths only, class
+    names adding up to the run's classes."""
+    if not isinstance(sources, list) or not sources or not all(isinstance(s, dict) for s in sources):
+        return False
+    for i, source in enumerate(sources):
+        names = source.get("class_names")
+        if source.get("kind") != ("dataset" if i == 0 else "folder") or not isinstance(source.get("scored"), bool) \
+                or not isinstance(source.get("file_list_sha256"), str) or not isinstance(names, list) \
+                or not all(isinstance(n, str) for n in names):
+            return False
+        if i == 0 and not (isinstance(source.get("dataset"), str) and (source.get("data_root") is None
+                                                                        or _absolute(source.get("data_root")))):
+            return False
+        if i > 0 and not _absolute(source.get("path")):
+            return False
+    return sum(len(s["class_names"]) for s in sources) == cfg.num_classes
+
+
 def stored_data_root(cfg: RunConfig, state_path: Path) -> Union[str, None]:
     """The data root recorded at training time, used by ``slca eval`` when --data-root is not given. It is only
     read from (images, checked against the recorded file-list checksum); it must be an absolute path."""
@@ -156,3 +182,46 @@ def stored_data_root(cfg: RunConfig, state_path: Path) -> Union[str, None]:
         raise SlcaError(f"{state_path} records the data root {root!r}, which is not an absolute path; pass "
                         f"--data-root DIR")
     return root
+
+
+# The allowed range of every numeric RunConfig setting, whether it comes from a flag or a preset (checked once, in
+# check_bounds), as each field declares it (presets.option / presets.setting ``bounds``).
+BOUNDS: Dict[str, Dict[str, Any]] = {f.name: dict(f.metadata["bounds"]) for f in dataclasses.fields(RunConfig)
+                                     if "bounds" in f.metadata}
+# Flags of `slca train` that are not RunConfig settings, with the same kind of rule.
+SEED_BOUNDS: Dict[str, Any] = {"min": 0, "max": 2 ** 32 - 1}  # NumPy seeds the class order: 0 .. 2^32 - 1
+
+
+def bound_problem(value: Any, rule: Dict[str, Any]) -> Optional[str]:
+    """What is wrong with one number under ``rule`` (None when it fits): 'a finite number >= 1e-3', ..."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return "a number"
+    parts = [f"{sign} {rule[key]:g}" if isinstance(rule[key], float) else f"{sign} {rule[key]}"
+             for key, sign in (("above", ">"), ("min", ">="), ("max", "<=")) if key in rule]
+    wanted = rule.get("say") or ("a finite number" if isinstance(value, float) else "an integer") + (
+        " " if parts else "") + " and ".join(parts)
+    if isinstance(value, float) and not math.isfinite(value):
+        return wanted
+    if ("above" in rule and not value > rule["above"]) or ("min" in rule and value < rule["min"]) or (
+            "max" in rule and value > rule["max"]):
+        return wanted
+    return None
+
+
+def check_bounds(values: Dict[str, Any]) -> None:
+    """Every numeric setting in ``values`` (RunConfig field -> value) within BOUNDS, else a one-line SlcaError
+    naming the flag."""
+    for name, rule in BOUNDS.items():
+        value = values.get(name)
+        for item in (value if isinstance(value, (tuple, list)) else (value,)):
+            if item is None:
+                continue
+            problem = bound_problem(item, rule)
+            if problem is not None:
+                raise SlcaError(f"--{name.replace('_', '-')} must be {problem}, got {value}")
+
+
+def check_seed(seed: int) -> None:
+    problem = bound_problem(seed, SEED_BOUNDS)
+    if problem is not None:
+        raise SlcaError(f"--seed must be {problem}, got {seed}")

@@ -68,7 +68,10 @@ def test_resume_refuses_a_change_of_any_identity_flag(finished):
         switches = change if len(change) == 1 else []
         code, _, err = Cli()("train", *[x for pair in valued.items() for x in pair], *switches, "--no-progress",
                              "--out", finished, "--resume")
-        assert_one_line_error(code, err, "another experiment", f"{name}=")
+        if name == "image_size":  # vit-tiny-test takes 32 px only: refused before the resume (issue 18, item 11)
+            assert_one_line_error(code, err, "--image-size 33 does not fit backbone vit-tiny-test")
+        else:
+            assert_one_line_error(code, err, "another experiment", f"{name}=")
         refused.append(name)
     assert len(refused) == len(IDENTITY_FIELDS) - len(WITHOUT_FLAG)
 

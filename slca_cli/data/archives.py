@@ -69,7 +69,7 @@ def _members_zip(archive: Path):
             mode = info.external_attr >> 16
             if info.is_dir():
                 kind = "dir"
-            elif mode and not stat.S_ISREG(mode):
+            elif stat.S_IFMT(mode) and not stat.S_ISREG(mode):  # no type bits (ZipFile.writestr): a file
                 kind = "other"
             else:
                 kind = "file"
@@ -82,12 +82,16 @@ def extract_archive(archive: Path, dest: Path, keep: Optional[Callable[[str], bo
     members = _members_zip(archive) if archive.name.lower().endswith(".zip") else _members_tar(archive)
     dest.mkdir(parents=True, exist_ok=True)
     count = 0
+    skipped: List[str] = []
     for name, kind, open_member in members:
         target = member_target(name)
         if target is None:
             raise SlcaError(f"{archive} has a member '{name}' that would be written outside the folder it is "
                             f"extracted to; refusing to extract it: use a trusted copy of the archive")
-        if kind == "other" or _is_junk(target) or (keep and not keep(name)):
+        if kind == "other" or _is_junk(target):
+            skipped.append(name)
+            continue
+        if keep and not keep(name):
             continue
         path = dest.joinpath(*target.parts)
         if kind == "dir":
@@ -98,6 +102,10 @@ def extract_archive(archive: Path, dest: Path, keep: Optional[Callable[[str], bo
         with source, open(path, "wb") as out:
             shutil.copyfileobj(source, out, 1 << 20)
         count += 1
+    if skipped:
+        print(f"warning: {archive}: skipped {len(skipped)} member(s) that are links, devices or macOS metadata, not "
+              f"regular files: {', '.join(skipped[:5])}{' ...' if len(skipped) > 5 else ''}", file=sys.stderr,
+              flush=True)
     return count
 
 

@@ -86,6 +86,10 @@ class DatasetSplits:
     # Files for the run folder (name -> JSON content), e.g. ImageNet-R's split or the skipped images.
     records: Dict[str, Any] = field(default_factory=dict)
     skipped: List[str] = field(default_factory=list)
+    # A continued run's data (grow.py): its classes keep the order they were learned in, and each task records
+    # which source (dataset or folder) it came from.
+    class_order: Optional[List[int]] = None
+    sources: Optional[List[Dict[str, Any]]] = None
 
     @property
     def num_classes(self) -> int:
@@ -94,15 +98,21 @@ class DatasetSplits:
     def set_transforms(self, train: Callable, test: Callable) -> None:
         self.train.transform, self.test.transform = train, test
 
-    def fingerprint(self) -> str:
-        """sha256 over the (item, label) lists of both splits: equal on every machine for the same data."""
+    def fingerprint(self, legacy: bool = False) -> str:
+        """sha256 over the (item, label) lists of both splits: equal on every machine for the same data. Names are
+        hashed in Unicode NFC form, so a macOS (NFD) copy has the checksum of the Linux one; ``legacy``: the raw
+        names, as runs written before slca normalized them recorded (accepted on --resume, see matches)."""
         digest = hashlib.sha256()
         for split_name, split in (("train", self.train), ("test", self.test)):
             for i in range(len(split)):
+                name = split.describe(i) if legacy else unicodedata.normalize("NFC", split.describe(i))
                 # surrogateescape: file names that are not valid UTF-8 still hash (to their bytes)
-                digest.update(f"{split_name}\t{split.describe(i)}\t{split.labels[i]}\n".encode("utf-8",
-                                                                                          "surrogateescape"))
+                digest.update(f"{split_name}\t{name}\t{split.labels[i]}\n".encode("utf-8", "surrogateescape"))
         return digest.hexdigest()
+
+    def matches(self, recorded: str) -> bool:
+        """Whether a recorded fingerprint is this data's, in today's form or the legacy (raw names) one."""
+        return recorded == self.fingerprint() or recorded == self.fingerprint(legacy=True)
 
 
 def cap_per_class(labels: Sequence[int], cap: Optional[int]) -> List[int]:
@@ -127,7 +137,7 @@ def _list_folder(folder: Path) -> List[os.DirEntry]:
     """The entries of ``folder`` sorted by name; an unreadable folder is a SlcaError."""
     try:
         with os.scandir(folder) as entries:
-            return sorted(entries, key=lambda e: e.name)
+            return sorted(entries, key=lambda e: unicodedata.normalize("NFC", e.name))  # one order for NFC and NFD
     except OSError as exc:
         raise SlcaError(f"cannot list {folder} ({exc.strerror or exc.__class__.__name__}); make it readable") from None
 
