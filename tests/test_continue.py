@@ -146,3 +146,9 @@ def test_runs_that_cannot_grow_say_why(finished_run, digit_folders, tmp_path, cl
     with pytest.raises(SlcaError, match="pool of 2 is full"):
         grown_config(full, 2, {})
     assert grown_config(full.replace(prompt_pool=3), 2, {}).task_sizes == (4, 4, 2)
+
+
+def test_probe_refuses_a_continued_run(continued, cli):
+    seed, _, _ = continued
+    code, _, stderr = cli("probe", seed, "--no-progress")
+    assert_one_line_error(code, stderr, "continued run", "probe the run it continued")
