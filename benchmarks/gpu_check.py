@@ -201,7 +201,8 @@ def stage_environment(ctx: "Check") -> Dict[str, Any]:
         info["triton"] = triton.__version__
     except ImportError:
         info["triton"] = None
-    info["nccl"] = ".".join(map(str, torch.cuda.nccl.version())) if torch.cuda.is_available() else None
+    nccl = torch.cuda.nccl.version() if torch.cuda.is_available() else None  # a tuple, an int in older torch
+    info["nccl"] = ".".join(map(str, nccl)) if isinstance(nccl, tuple) else nccl
     info["bf16_supported"] = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
     info["fused_sgd"] = fused_optimizer_supported("sgd", ctx.device)
     info["fused_adam"] = fused_optimizer_supported("adam", ctx.device)

@@ -284,8 +284,10 @@ def eval_checkpoint(
     typer.echo(f"{path} (after task {result['task']})")
     typer.echo(f"per task: {row}")
     status = "matches" if result["matches_stored"] else "DIFFERS from"
+    within = (f" within {result['tolerance_images']} near-tie images, {result['differing_images']} differ"
+              if result["tolerance_images"] and result["differing_images"] else "")
     typer.echo(f"accuracy on all seen classes: {result['accuracy']:.2f}% ({status} the stored "
-               f"{result['stored_accuracy']:.2f}%)")
+               f"{result['stored_accuracy']:.2f}%{within})")
 
 
 @app.command("predict")
@@ -359,6 +361,53 @@ def export_command(
                f"equal slca's within {record['max_logit_difference']:.1e}")
     for path in record["files"]:
         typer.echo(f"  {path}")
+
+
+@app.command("continue")
+@user_errors
+def continue_command(
+    run: Path = typer.Argument(..., help="The seed-*/ folder of a finished run (or its last task-NN/ folder)."),
+    data_root: Path = typer.Option(..., help="The new classes: train/<class>/* and test/<class>/* (classes the run "
+                                             "has not learned)."),
+    out: Path = typer.Option(..., help="The continued run's folder (a new one: the original run is only read)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted continuation in --out."),
+    old_data_root: Optional[str] = typer.Option(None, help="Where the run's original dataset is now, if it moved "
+                                                           "(its test images score the old classes)."),
+    link: bool = typer.Option(False, "--link/--copy", help="Hard-link the finished tasks' tensor files instead of "
+                                                           "copying them (slca never writes a file in place)."),
+    checkpoint_every: int = typer.Option(0, help="Also save the new task every N epochs, so --resume continues "
+                                                 "mid-task. 0: off."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    threads: Optional[int] = threads_option(),
+    workers: Optional[int] = typer.Option(None, help="Data-loader processes (default: the machine's cores)."),
+    progress: str = progress_option(),
+    no_progress: bool = no_progress_option(),
+):
+    """Teach a finished run new classes from a new folder, exemplar-free: they become its next task, the old
+    classes are kept by their stored statistics. The result is a normal run folder in --out."""
+    from .grow import finished_run, plan_continuation, start_continuation
+    from .guard import guarded_seed, interrupt_message, stop_exit_code
+    from .runner import run_seed
+    from .speed import make_accelerator
+    from .threads import set_threads
+
+    set_threads(threads)
+    show_progress = progress_mode(progress, no_progress)
+    seed_dir, last = finished_run(run)
+    run_dir = out / seed_dir.name
+    plan = plan_continuation(run, data_root, run_dir, execution={"checkpoint_every": checkpoint_every,
+                                                                 "workers": workers},
+                             data_root=old_data_root, log=typer.echo)  # checks only: nothing written yet
+    try:
+        with guarded_seed(run_dir, last.seed, last.config.batch_size, typer.echo):
+            start_continuation(plan, run_dir, resume=resume, link=link, log=typer.echo)
+            accelerator = make_accelerator(device, plan.cfg.precision)
+            record = run_seed(plan.cfg, last.seed, run_dir, accelerator, plan.data, resume=True, log=typer.echo,
+                              show_progress=show_progress)
+    except KeyboardInterrupt as stop:
+        _err(interrupt_message(stop, last.seed, run_dir, sys.argv[1:]))
+        raise typer.Exit(stop_exit_code(stop))
+    typer.echo(seed_table([record]))
 
 
 @app.command("demo")

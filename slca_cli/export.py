@@ -4,14 +4,15 @@ order), preprocessing.json (the run's test transform) and model.json (how timm b
 from __future__ import annotations
 
 import copy
+import os
 import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Tuple
 
 import torch
 from torch import nn
 
-from .checkpoint import MODEL_FILE, TaskState, atomic_write_json, sha256_file
+from .checkpoint import MODEL_FILE, TaskState, atomic_write_json
 from .data import dataset_transform_style
 from .data.transforms import test_geometry
 from .errors import SlcaError
@@ -148,6 +149,9 @@ def export_checkpoint(task_dir: Path, out: Path, fmt: str = "safetensors") -> Di
             from safetensors.torch import save_file
             save_file({k: v.contiguous() for k, v in plain.state_dict().items()}, str(out / "model.safetensors"),
                       metadata={"format": "pt"})
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(out / "model.safetensors", 0o666 & ~umask)  # safetensors creates it owner-only
             atomic_write_json(out / "model.json", dict(spec, source=source_record(state)))
             written += ["model.safetensors", "model.json"]
         else:

@@ -5,7 +5,8 @@ At an epoch boundary the rest of stage 1 is decided by: the weights, the optimiz
 rates), the scheduler, the global RNGs (Python, NumPy, torch CPU and CUDA: random augmentations in the main
 process) and the data loader's generator (it draws each epoch's shuffle and the workers' base seed when the
 epoch's iterator is created). All of it is saved, so on CPU a resumed task ends bit-for-bit where a straight one
-does. The folder is written atomically like a task folder and removed once the task's own folder is saved."""
+does. The main process's states are saved; under several processes they are every rank's (the same seeds, the
+same draws; the device path's augmentation generator is shared by all ranks, loaders.DeviceLoader). The folder is written atomically like a task folder and removed once the task's own folder is saved."""
 from __future__ import annotations
 
 import base64

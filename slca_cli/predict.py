@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from .checkpoint import TaskState, complete_tasks, read_state, task_dir_name
+from .checkpoint import TaskState, complete_tasks, task_dir_name
 from .data import dataset_transform_style
 from .data.base import IMAGE_EXTENSIONS
 from .data.loaders import DeviceNormalize

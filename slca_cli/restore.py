@@ -119,8 +119,12 @@ def checkpoint_data(state: TaskState, data_root: Optional[str]) -> DatasetSplits
     """The data of a finished task: --data-root, else the validated root recorded at training time; the file-list
     checksum must equal the one the task was trained on."""
     cfg = state.config
-    root = data_root if data_root is not None else stored_data_root(cfg, state.task_dir / "state.json")
-    data = load_data_for(cfg, root)
+    if "sources" in state.raw:  # a continued run: its classes came from several folders (grow.py)
+        from .grow import data_for_state
+        data = data_for_state(state, data_root)
+    else:
+        root = data_root if data_root is not None else stored_data_root(cfg, state.task_dir / "state.json")
+        data = load_data_for(cfg, root)
     if not data.matches(state.data_fingerprint):
         raise SlcaError(f"the data under {data.root or cfg.dataset} differs from the data this checkpoint was "
                         f"trained on (file list checksum); point --data-root at the same files")

@@ -48,7 +48,7 @@ def run_seed(cfg: RunConfig, seed: int, run_dir: Path, accelerator, data: Datase
     """One seed of one experiment, task by task; returns the final metrics record. With ``cfg.checkpoint_every``
     N > 0 the task being trained is also saved every N epochs (midtask.py)."""
     method = get_method(cfg.method)
-    order = class_order(data.num_classes, seed)
+    order = data.class_order or class_order(data.num_classes, seed)
     run_dir.mkdir(parents=True, exist_ok=True)
     point = find_resume_point(run_dir, cfg, log) if resume else fresh_start(run_dir)
     if point.last is not None:  # a resumed model comes from its checkpoint, without the pre-trained weights
@@ -66,6 +66,8 @@ def run_seed(cfg: RunConfig, seed: int, run_dir: Path, accelerator, data: Datase
     previous = previous_header(run_dir) if resume else None
     run = RunIdentity(seed, order, run_fingerprint(data, point.last[0].raw if point.last else previous), cfg)
     header = run_header(run, data.class_names)
+    if data.sources:  # a continued run (grow.py): where each task's classes came from
+        header["sources"] = data.sources
     if previous is not None:
         check_same_weights(previous, header, run_dir)
     if point.last is not None:
@@ -210,6 +212,7 @@ def save_finished_task(run_dir: Path, task: int, cfg: RunConfig, model: Continua
         stats_tensors["drift"] = drift
     state = {"format": "slca-task", "version": 1, "task": task, "seed": header["seed"], "config": cfg.to_dict(),
              "class_order": header["class_order"], "class_names": header["class_names"],
+             **({"sources": header["sources"]} if "sources" in header else {}),
              "task_sizes": list(cfg.task_sizes), "counts": point.counts,
              "metrics": {k: record[k] for k in ("accuracy_matrix", "task_accuracy", "last_acc", "inc_acc",
                                                "forgetting")},

@@ -123,6 +123,8 @@ def check_task_state(state: Any, path: Path) -> RunConfig:
     names = state.get("class_names", [""] * cfg.num_classes)  # absent in runs written before names were stored
     if not isinstance(names, list) or len(names) != cfg.num_classes or not all(isinstance(n, str) for n in names):
         raise bad("class_names")
+    if "sources" in state and not sources_fit(state["sources"], cfg):
+        raise bad("sources")
     counts = state.get("counts")
     if not isinstance(counts, list) or len(counts) != task + 1:
         raise bad("counts")
@@ -145,6 +147,29 @@ def check_task_state(state: Any, path: Path) -> RunConfig:
     if not check_rng(state.get("rng")):
         raise bad("rng")
     return cfg
+
+
+def _absolute(path: Any) -> bool:
+    return isinstance(path, str) and "\x00" not in path and Path(path).is_absolute()
+
+
+def sources_fit(sources: Any, cfg: RunConfig) -> bool:
+    """A continued run's ``sources`` (grow.py): the first one a dataset, then folders, absolute paths only, class
+    names adding up to the run's classes."""
+    if not isinstance(sources, list) or not sources or not all(isinstance(s, dict) for s in sources):
+        return False
+    for i, source in enumerate(sources):
+        names = source.get("class_names")
+        if source.get("kind") != ("dataset" if i == 0 else "folder") or not isinstance(source.get("scored"), bool) \
+                or not isinstance(source.get("file_list_sha256"), str) or not isinstance(names, list) \
+                or not all(isinstance(n, str) for n in names):
+            return False
+        if i == 0 and not (isinstance(source.get("dataset"), str) and (source.get("data_root") is None
+                                                                        or _absolute(source.get("data_root")))):
+            return False
+        if i > 0 and not _absolute(source.get("path")):
+            return False
+    return sum(len(s["class_names"]) for s in sources) == cfg.num_classes
 
 
 def stored_data_root(cfg: RunConfig, state_path: Path) -> Union[str, None]:

@@ -135,3 +135,20 @@ def test_on_device_transforms_for_other_datasets_are_refused(cli, tmp_path):
     code, _, stderr = cli("train", *TINY, "--tasks", 2, "--epochs", 1, "--num-classes", 4, "--augment-on-device",
                           "--out", tmp_path)
     assert_one_line_error(code, stderr, "--augment-on-device", "--augment-on-host")
+
+
+def test_device_training_views_do_not_depend_on_the_process_count():
+    """Each process transforms the whole global batch with the one shared generator and keeps its part: the
+    processes' parts are the one-process batch bit for bit, and every rank ends an epoch with the same generator
+    state (so the single state a mid-task checkpoint saves resumes every rank)."""
+    u8 = images(10)
+    labels = torch.arange(10)
+    train = lambda x, g: cifar_train_batch(x, 16, MEAN, STD, g)  # noqa: E731
+    one = DeviceLoader(u8, labels, torch.arange(10), 4, train, shuffle=True, seed=3)
+    two = [DeviceLoader(u8, labels, torch.arange(10), 4, train, shuffle=True, seed=3, rank=r, world=2)
+           for r in range(2)]
+    halves = [list(loader) for loader in two]
+    for (x, y), (xa, ya), (xb, yb) in zip(one, *halves):
+        assert torch.equal(torch.cat([xa, xb])[:len(y)], x) and torch.equal(torch.cat([ya, yb])[:len(y)], y)
+    states = [loader.generator.get_state() for loader in (one, *two)]
+    assert torch.equal(states[0], states[1]) and torch.equal(states[1], states[2])

@@ -3,9 +3,9 @@
 What can be compared exactly: with the backbone frozen (``--lr-backbone 0``) the features depend only on the
 seeded backbone, so the class statistics of every task must equal the one-process ones up to float64 summation
 order; test-image totals must be equal whatever the shards; evaluating one checkpoint with one or two processes
-must give identical correct counts. Training itself is only approximately the same (augmentation draws depend
-on the process layout, the last batch is padded, gradients are averaged in another order), so the trained
-heads are not compared.
+must give identical correct counts. Training itself is only approximately the same (the last batch is padded
+here, gradients are averaged in another order), so the trained heads are not compared; tests/test_parity.py
+compares trained runs whose batches split evenly.
 """
 import json
 import os

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY, assert_one_line_error, read_json
+from conftest import assert_one_line_error, read_json
 
 
 def per_task_correct(predictions, names_to_position, sizes):
@@ -74,7 +74,6 @@ def test_unreadable_inputs_are_listed_and_the_rest_predicted(digit_run, digit_fo
 
 def test_bad_checkpoints_and_empty_inputs_are_one_line_errors(digit_run, tmp_path, cli):
     (tmp_path / "empty").mkdir()
-    image = next((digit_run.parent.parent.parent).rglob("*.png"), None)
     code, _, stderr = cli("predict", tmp_path / "nope", tmp_path, "--no-progress")
     assert_one_line_error(code, stderr, "does not exist", "task-NN/")
     code, _, stderr = cli("predict", tmp_path / "empty", tmp_path, "--no-progress")

@@ -86,6 +86,10 @@ class DatasetSplits:
     # Files for the run folder (name -> JSON content), e.g. ImageNet-R's split or the skipped images.
     records: Dict[str, Any] = field(default_factory=dict)
     skipped: List[str] = field(default_factory=list)
+    # A continued run's data (grow.py): its classes keep the order they were learned in, and each task records
+    # which source (dataset or folder) it came from.
+    class_order: Optional[List[int]] = None
+    sources: Optional[List[Dict[str, Any]]] = None
 
     @property
     def num_classes(self) -> int:

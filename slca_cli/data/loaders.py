@@ -179,7 +179,10 @@ class DeviceLoader:
     Training (``shuffle``): one permutation per epoch from ``(seed, epoch)``, identical on every process; each
     global batch of ``batch_size`` is split across the ``world`` processes as accelerate's ``split_batches``
     does (the last batch padded from the start of the permutation to a multiple of ``world``), so the
-    optimization matches a one-process run. Evaluation: ``for_process`` gives a strided shard, no padding.
+    optimization matches a one-process run. Every process transforms the whole global batch with the same
+    generator and keeps its part: an image's augmentation does not depend on the process count, and all
+    processes hold one generator state (a mid-task checkpoint's resumes every rank). Evaluation:
+    ``for_process`` gives a strided shard, no padding.
     """
 
     on_device = True
@@ -192,7 +195,7 @@ class DeviceLoader:
         self.batch_size, self.transform, self.shuffle = batch_size, transform, shuffle
         self.fixed_draws = fixed_draws
         self.seed, self.rank, self.world, self.epoch = seed, rank, world, 0
-        self.augment_generator = torch.Generator(device=images.device).manual_seed(seed * 7919 + rank)
+        self.augment_generator = torch.Generator(device=images.device).manual_seed(seed * 7919)
 
     def __len__(self) -> int:
         return -(-len(self.indices) // self.batch_size)
@@ -222,9 +225,8 @@ class DeviceLoader:
         self.epoch += 1
         order = self.indices[torch.randperm(len(self.indices), generator=generator, device=self.indices.device)]
         for batch in order.split(self.batch_size):
-            if self.world > 1:
-                pad = -len(batch) % self.world
-                batch = torch.cat([batch, order[:pad]]).chunk(self.world)[self.rank]
+            if self.world > 1:  # the whole global batch; __iter__ keeps this process's part
+                batch = torch.cat([batch, order[:-len(batch) % self.world]])
             yield batch
 
     def _transformed(self, batch: torch.Tensor, generator: Optional[torch.Generator]):
@@ -239,7 +241,10 @@ class DeviceLoader:
             return
         generator = self.augment_generator if self.shuffle else None
         for batch in self._batches():
-            yield self._transformed(batch, generator)
+            images, labels = self._transformed(batch, generator)
+            if self.shuffle and self.world > 1:
+                images, labels = images.chunk(self.world)[self.rank], labels.chunk(self.world)[self.rank]
+            yield images, labels
 
     def _fixed_draw_batches(self):
         """Every global batch of the fixed order transformed with draws from the ``fixed_draws`` seed alone (a fresh
