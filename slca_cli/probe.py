@@ -118,6 +118,9 @@ def probe_seed(seed_dir: Path, *, data_root: Optional[str] = None, device: str =
     task_dir = last_task_dir(seed_dir, task)
     checkpoint = open_checkpoint(task_dir, data_root, device)
     model, state, data, accelerator = checkpoint.model, checkpoint.state, checkpoint.data, checkpoint.accelerator
+    if "sources" in state.raw:
+        raise SlcaError(f"{seed_dir} is a continued run (slca continue): it keeps the old classes' statistics, not "
+                        f"their training images, which a probe fits on; probe the run it continued")
     cfg = state.config
     order = state.class_order
     remap = class_remap(order)

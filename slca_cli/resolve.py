@@ -41,9 +41,15 @@ def resolve_run(dataset: str, backbone: str, method: str, flags: Dict[str, Any])
                          num_classes=data.num_classes, task_sizes=sizes, overrides=flags,
                          backbone_defaults=dict(spec.defaults))
     cfg = policy.finalize_config(cfg)
-    probe = _probe_backbone(spec)
-    policy.check_backbone(spec.name, lambda: probe)
-    check_image_size(spec.name, probe, cfg.image_size)
+    probed: list = []
+
+    def probe():  # built at most once, and only when a check needs it
+        if not probed:
+            probed.append(_probe_backbone(spec))
+        return probed[0]
+    policy.check_backbone(spec.name, probe)
+    if cfg.image_size != spec.image_size:
+        check_image_size(spec.name, probe(), cfg.image_size)
     if dataset == "synthetic":
         cfg = cfg.replace(train_per_class=len(data.train) // data.num_classes,
                           test_per_class=len(data.test) // data.num_classes)

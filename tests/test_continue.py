@@ -146,3 +146,24 @@ def test_runs_that_cannot_grow_say_why(finished_run, digit_folders, tmp_path, cl
     with pytest.raises(SlcaError, match="pool of 2 is full"):
         grown_config(full, 2, {})
     assert grown_config(full.replace(prompt_pool=3), 2, {}).task_sizes == (4, 4, 2)
+
+
+def test_probe_refuses_a_continued_run(continued, cli):
+    seed, _, _ = continued
+    code, _, stderr = cli("probe", seed, "--no-progress")
+    assert_one_line_error(code, stderr, "continued run", "probe the run it continued")
+
+
+def test_drift_compensation_moves_the_old_gaussians_in_the_new_task(digit_folders, tmp_path, cli):
+    code, _, stderr = cli("train", "--dataset", "folder", "--data-root", digit_folders[0], "--backbone",
+                          "vit-tiny-test", "--device", "cpu", "--no-progress", "--tasks", 2, "--epochs", 1,
+                          "--drift-compensation", "linear", "--drift-views", 1, "--out", tmp_path / "run")
+    assert code == 0, stderr
+    code, stdout, stderr = cli("continue", tmp_path / "run" / "seed-1993", "--data-root", digit_folders[1],
+                               "--out", tmp_path / "more", "--no-progress")
+    assert code == 0, stderr
+    from safetensors.torch import load_file
+    stats = load_file(tmp_path / "more" / "seed-1993" / "task-03" / "stats.safetensors")
+    assert stats["drift"].shape[0] == stats["means"].shape[1] and stats["means"].shape[0] == 2
+    code, stdout, stderr = cli("eval", tmp_path / "more" / "seed-1993" / "task-03", "--json", "--no-progress")
+    assert code == 0 and json.loads(stdout)["matches_stored"], stderr
