@@ -183,6 +183,10 @@ def grown_config(cfg: RunConfig, new_classes: int, execution: Dict[str, Any]) ->
     if cfg.method == "dualprompt" and cfg.prompt_pool < cfg.num_tasks + 1:
         raise SlcaError(f"--method dualprompt keeps one E-prompt per task and this run's pool of {cfg.prompt_pool} "
                         f"is full; only a run trained with --prompt-pool larger than its tasks can be continued")
+    per_task = cfg.prompt_pool // cfg.num_tasks
+    if cfg.method == "coda-prompt" and (cfg.num_tasks + 1) * per_task > cfg.prompt_pool:
+        raise SlcaError(f"--method coda-prompt gives each task {per_task} of its {cfg.prompt_pool} prompt components "
+                        f"and none are left for a new task; a coda-prompt run cannot be continued")
     return cfg.replace(num_classes=cfg.num_classes + new_classes, task_sizes=tuple(cfg.task_sizes) + (new_classes,),
                        weights=None, device_augment=False, **execution)
 

@@ -243,3 +243,14 @@ def test_cofima_with_two_processes_computes_the_fisher_of_one(tmp_path):
         for key in a:
             if key.startswith("backbone."):
                 torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5)
+
+
+def test_a_coda_prompt_run_whose_pool_is_used_up_cannot_be_continued():
+    from slca_cli.errors import SlcaError
+    from slca_cli.grow import grown_config
+    from slca_cli.presets import DEFAULTS, RunConfig
+    cfg = RunConfig(**dict(DEFAULTS, dataset="folder", backbone="vit-tiny-test", method="coda-prompt",
+                           num_classes=4, task_sizes=(2, 2), prompt_pool=100, prompt_length=8))
+    with pytest.raises(SlcaError, match="cannot be continued"):
+        grown_config(cfg, 2, {})
+    assert grown_config(cfg.replace(prompt_pool=3), 2, {}).num_tasks == 3  # one component per task, one left

@@ -61,7 +61,7 @@ class CodaBackbone(nn.Module):
         self.vit = vit
         self.num_features = dim = int(vit.embed_dim)
         self.layers = tuple(range(min(MAX_PROMPTED_BLOCKS, len(vit.blocks))))
-        self.length, self.per_task = length, pool_size // tasks
+        self.length = length
         layers = len(self.layers)
         self.prompt_keys = uniform_parameter(layers, pool_size, dim)
         self.prompt_attention = uniform_parameter(layers, pool_size, dim)
@@ -69,21 +69,27 @@ class CodaBackbone(nn.Module):
         # The task being trained or, in a saved model, the last one: saved with the weights, so a restored model
         # uses exactly the components that existed.
         self.register_buffer("task", torch.zeros((), dtype=torch.long))
+        # Components per task, fixed when the run starts (saved: a continued run keeps its slices).
+        self.register_buffer("per_task", torch.tensor(pool_size // tasks, dtype=torch.long))
 
     @torch.no_grad()
     def start_task(self, task: int) -> None:
         """Task ``task``'s components: random, orthonormal to the earlier ones (from the global RNG, reseeded per
         task by the runner)."""
         self.task.fill_(task)
-        start, stop = task * self.per_task, (task + 1) * self.per_task
+        per_task = int(self.per_task)
+        start, stop = task * per_task, (task + 1) * per_task
+        if stop > self.prompts.shape[1]:
+            raise SlcaError(f"--method coda-prompt: task {task + 1} needs components {start}-{stop - 1} but the pool "
+                            f"holds {self.prompts.shape[1]}; train with a larger --prompt-pool")
         for tensor in (self.prompt_keys, self.prompt_attention, self.prompts):
             for layer in range(tensor.shape[0]):
                 tensor[layer].copy_(gram_schmidt_rows(tensor[layer].cpu().float(), start, stop).to(tensor))
 
     def components(self, tensor: torch.Tensor, layer: int) -> torch.Tensor:
         """The components that exist for this task; in training the earlier tasks' are cut from the graph."""
-        task = int(self.task)
-        start, stop = task * self.per_task, (task + 1) * self.per_task
+        task, per_task = int(self.task), int(self.per_task)
+        start, stop = task * per_task, (task + 1) * per_task
         rows = tensor[layer, :stop]
         if self.training and start > 0:
             rows = torch.cat([rows[:start].detach(), rows[start:]])
