@@ -254,3 +254,19 @@ def test_a_coda_prompt_run_whose_pool_is_used_up_cannot_be_continued():
     with pytest.raises(SlcaError, match="cannot be continued"):
         grown_config(cfg, 2, {})
     assert grown_config(cfg.replace(prompt_pool=3), 2, {}).num_tasks == 3  # one component per task, one left
+
+
+@pytest.mark.parametrize("name", ["aper", "coda-prompt"])
+def test_aper_and_coda_prompt_run_with_two_processes(tmp_path, cli, name):
+    """Each test image counted once over both processes, and the folder scores as stored with one process."""
+    flags = [*TINY, *SMALL, "--train-per-class", 7, "--batch-size", 4, *METHODS[name]]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "slca_cli"]
+    proc = subprocess.run([*launch, "train", *map(str, flags), "--out", str(tmp_path / "two")], capture_output=True,
+                          text=True, cwd=REPO, timeout=600,
+                          env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "two" / "seed-1993"
+    assert [c["total"] for c in read_json(run / "metrics.json")["counts"]] == [[18], [18, 18]]
+    code, stdout, stderr = cli("eval", run / "task-02", "--device", "cpu", "--no-progress", "--json")
+    assert code == 0 and json.loads(stdout)["matches_stored"] is True, stderr
