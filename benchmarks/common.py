@@ -17,6 +17,10 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # `python benchmarks/bench_x.py` as well as `python -m benchmarks.bench_x`
     sys.path.insert(0, str(REPO))
 RESULTS = REPO / "benchmarks" / "results"
+# The real CIFAR-100 PNGs: ../shared/data next to the repository (or next to the folder of worktrees).
+CIFAR100_ARCHIVE = next((p for p in (REPO.parent / "shared" / "data" / "cifar100-png.tar.gz",
+                                     REPO.parent.parent / "shared" / "data" / "cifar100-png.tar.gz") if p.exists()),
+                        REPO.parent / "shared" / "data" / "cifar100-png.tar.gz")
 
 # Dense (no sparsity) peak FLOP/s of known accelerators, per dtype; from the vendors' data sheets.
 PEAK_FLOPS = {

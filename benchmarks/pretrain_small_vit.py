@@ -29,11 +29,10 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
+
+from benchmarks.common import CIFAR100_ARCHIVE  # noqa: E402
 from torch.utils.data import DataLoader, Subset  # noqa: E402
 
-DEFAULT_ARCHIVE = next((p for p in (REPO.parent / "shared" / "data" / "cifar100-png.tar.gz",
-                                    REPO.parent.parent / "shared" / "data" / "cifar100-png.tar.gz") if p.exists()),
-                       REPO.parent / "shared" / "data" / "cifar100-png.tar.gz")
 # The backbone `--backbone vit-tiny-test --weights FILE` rebuilds (backbones/vit.py).
 ARCH = dict(img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=4, mlp_ratio=2.0)
 MEAN = STD = (0.5, 0.5, 0.5)
@@ -41,7 +40,7 @@ MEAN = STD = (0.5, 0.5, 0.5)
 
 def parse(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data-root", default=os.environ.get("SLCA_CIFAR100_PNG", str(DEFAULT_ARCHIVE)),
+    parser.add_argument("--data-root", default=os.environ.get("SLCA_CIFAR100_PNG", str(CIFAR100_ARCHIVE)),
                         help="CIFAR-100 as train/<class>/*.png, test/<class>/*.png (folder or .tar.gz)")
     parser.add_argument("--classes", type=int, default=50, help="pre-train on class ids 0 .. N-1")
     parser.add_argument("--epochs", type=int, default=45,

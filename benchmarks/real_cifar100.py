@@ -26,10 +26,8 @@ if str(REPO) not in sys.path:
 
 import torch  # noqa: E402
 
-# ../shared/data next to the repository (or next to the folder of worktrees).
-DEFAULT_ARCHIVE = next((p for p in (REPO.parent / "shared" / "data" / "cifar100-png.tar.gz",
-                                    REPO.parent.parent / "shared" / "data" / "cifar100-png.tar.gz") if p.exists()),
-                       REPO.parent / "shared" / "data" / "cifar100-png.tar.gz")
+from benchmarks.common import CIFAR100_ARCHIVE  # noqa: E402
+
 METHODS = ("seqft", "sl", "slca", "joint", "linear")
 # Beyond the paper (issue 13): training-free baselines and slca's alignment options. name -> (method, flags).
 VARIANTS = {"simplecil": ("simplecil", {}), "ranpac": ("ranpac", {}),
@@ -42,7 +40,7 @@ ALL = METHODS + tuple(VARIANTS)
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data-root", default=os.environ.get("SLCA_CIFAR100_PNG", str(DEFAULT_ARCHIVE)),
+    parser.add_argument("--data-root", default=os.environ.get("SLCA_CIFAR100_PNG", str(CIFAR100_ARCHIVE)),
                         help="cifar100-png.tar.gz or its extracted folder")
     parser.add_argument("--backbone", default="efficientnet-lite0-in1k")
     parser.add_argument("--train-per-class", type=int, default=50)

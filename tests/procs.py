@@ -1,11 +1,13 @@
 """A CLI run in a real process whose output is read while it runs (kill, signal and lock tests)."""
 import os
+import signal
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
-from conftest import REPO
+from conftest import REPO, read_json
 
 
 class Running:
@@ -54,3 +56,23 @@ class Running:
     @property
     def errors(self):
         return [l for l in self.lines if not l.startswith("slca-trace:")]
+
+
+def assert_kill_and_resume_match(straight_run, args, kill_at, result_keys):
+    """SIGKILL a run of ``args`` where it logs ``stalled at KILL_AT``, then ``--resume`` it: the metrics
+    (``result_keys``) and the sealed task states equal those of ``straight_run`` (its seed-1993 folder)."""
+    from slca_cli.checkpoint import verify_task
+    run = Running(args, env={"SLCA_STALL_AT": kill_at})
+    run.wait_for(f"stalled at {kill_at}")
+    run.proc.send_signal(signal.SIGKILL)
+    assert run.finish() == -signal.SIGKILL
+    resumed = Running([*args, "--resume"])
+    assert resumed.finish() == 0, "\n".join(resumed.lines[-20:])
+    out = Path(args[args.index("--out") + 1]) / "seed-1993"
+    got, want = read_json(out / "metrics.json"), read_json(straight_run / "metrics.json")
+    for key in result_keys:
+        assert got[key] == want[key], key
+    for folder in ("task-01", "task-02"):
+        assert verify_task(out / folder) is None
+        assert read_json(out / folder / "state.json")["sha256"] == \
+            read_json(straight_run / folder / "state.json")["sha256"], folder

@@ -4,7 +4,6 @@ The math against numpy / scikit-learn; each method through the whole CLI: train,
 straight run bit for bit), eval, report, identity checks on --resume, the demo's --method, two processes."""
 import json
 import os
-import signal
 import subprocess
 import sys
 
@@ -14,9 +13,8 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import REPO, TINY, assert_one_line_error, read_json
-from procs import Running
+from procs import Running, assert_kill_and_resume_match
 
-from slca_cli.checkpoint import verify_task
 from slca_cli.closed_form import (RIDGE_GRID, cosine_prototypes, lda_classifier, oas_shrinkage, ridge_validation_errors,
                                   ridge_weights, select_ridge, shrink_class_covariances)
 from slca_cli.methods.ranpac import held_out_split
@@ -123,21 +121,8 @@ def test_each_variant_trains_evaluates_and_resumes_after_a_kill(straight, tmp_pa
     assert code == 0, stderr
     assert json.loads(stdout)["matches_stored"] is True
     # SIGKILL inside task 2, then --resume: the same numbers and the same tensors as the straight run.
-    out = tmp_path / name
-    args = ["train", *TINY, *SMALL, *VARIANTS[name], "--out", out]
-    run = Running(args, env={"SLCA_STALL_AT": KILL_AT[name]})
-    run.wait_for(f"stalled at {KILL_AT[name]}")
-    run.proc.send_signal(signal.SIGKILL)
-    assert run.finish() == -signal.SIGKILL
-    resumed = Running([*args, "--resume"])
-    assert resumed.finish() == 0, "\n".join(resumed.lines[-20:])
-    got = read_json(out / "seed-1993" / "metrics.json")
-    for key in RESULT_KEYS:
-        assert got[key] == metrics[key], key
-    for folder in ("task-01", "task-02"):
-        assert verify_task(out / "seed-1993" / folder) is None
-        assert read_json(out / "seed-1993" / folder / "state.json")["sha256"] == \
-            read_json(want / folder / "state.json")["sha256"], folder
+    args = ["train", *TINY, *SMALL, *VARIANTS[name], "--out", tmp_path / name]
+    assert_kill_and_resume_match(want, args, KILL_AT[name], RESULT_KEYS)
 
 
 def test_simplecil_heads_are_the_unit_class_means_and_nothing_trains(straight):
