@@ -204,11 +204,13 @@ def test_ranpac_refuses_classifier_alignment(cli, tmp_path):
 def test_demo_runs_the_chosen_methods(tmp_path, cli):
     code, stdout, stderr = cli("demo", "--backbone", "vit-tiny-test", "--epochs", 1, "--train-per-class", 4,
                                "--test-per-class", 2, "--device", "cpu", "--no-progress", "--out", tmp_path / "d",
-                               "--method", "simplecil", "--method", "ranpac")
+                               "--method", "simplecil", "--method", "sl")
     assert code == 0, stderr
-    assert "SimpleCIL" in stdout and "RanPAC" in stdout
+    table = stdout[stdout.index("method    Last-Acc"):]
+    assert "SimpleCIL" in table and "SL " in table and "Seq FT" not in table
     assert not (tmp_path / "d" / "slca").exists()
-    assert read_json(tmp_path / "d" / "ranpac" / "seed-1993" / "metrics.json")["tasks_done"] == 5
+    for method in ("simplecil", "sl"):
+        assert read_json(tmp_path / "d" / method / "seed-1993" / "metrics.json")["tasks_done"] == 5
 
 
 def test_ranpac_with_two_processes_sums_the_gram_matrix_of_one(tmp_path):
