@@ -113,8 +113,9 @@ class ClassifierInputs:
 @dataclass
 class Stage1Inputs:
     """What ``Method.before_stage1`` and ``Method.after_stage1`` may use: the task's training images under the train
-    transform with fixed draws (``train_views()``: the same images, crops and order under any number of processes), the accelerator, the
-    first label of the task, the state kept from the last task, the run's log and whether to show progress."""
+    transform with fixed draws (``train_views()``: the same images, crops and order under any number of processes),
+    the accelerator, the first label of the task, the state kept from the last task, the run's log and whether to
+    show progress."""
 
     train_views: Callable[[], Any]
     accelerator: Any
