@@ -48,6 +48,8 @@ def parse_args():
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--classes", default=None,
+                        help="only these class ids, as `slca train --classes` (e.g. 0-19: two tasks; the tests)")
     parser.add_argument("--seed", type=int, default=1993)
     parser.add_argument("--methods", nargs="+", default=list(ALL), choices=ALL,
                         help="run only these; the others' numbers are kept from the committed benchmark.json")
@@ -85,7 +87,7 @@ def committed_results(path: Path, args) -> dict:
     if not path.is_file():
         return {}
     old = json.loads(path.read_text())
-    same = ("backbone", "train_per_class", "test_per_class", "epochs", "batch_size", "image_size", "seed")
+    same = ("backbone", "train_per_class", "test_per_class", "epochs", "batch_size", "image_size", "classes", "seed")
     if any(old.get("settings", {}).get(k) != getattr(args, k) for k in same):
         return {}
     drop = set(args.methods)
@@ -105,6 +107,8 @@ def main() -> None:
     load_start = os.getloadavg() if hasattr(os, "getloadavg") else None
     flags = dict(data_root=args.data_root, train_per_class=args.train_per_class, test_per_class=args.test_per_class,
                  epochs=args.epochs, batch_size=args.batch_size, image_size=args.image_size)
+    if args.classes is not None:
+        flags["classes"] = args.classes
     seconds, last, first_task_loss = {}, {}, {}
     for method in args.methods:
         base, extra = VARIANTS.get(method, (method, {}))

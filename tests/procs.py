@@ -1,4 +1,6 @@
-"""A CLI run in a real process whose output is read while it runs (kill, signal and lock tests)."""
+"""A CLI run in a real process whose output is read while it runs (kill, signal and lock tests), and the straight
+runs those tests compare against."""
+import json
 import os
 import signal
 import subprocess
@@ -76,3 +78,27 @@ def assert_kill_and_resume_match(straight_run, args, kill_at, result_keys):
         assert verify_task(out / folder) is None
         assert read_json(out / folder / "state.json")["sha256"] == \
             read_json(straight_run / folder / "state.json")["sha256"], folder
+
+
+def train_each(root, table):
+    """One uninterrupted `slca train ARGS --out ROOT/NAME` per entry NAME -> ARGS of ``table``, all in one fresh
+    process (tests/launched_runs.py: one interpreter and torch import for them all, not one per run); returns
+    ``root``."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    plan = root / "plan.json"
+    plan.write_text(json.dumps([[str(root / name), [str(a) for a in args], None] for name, args in table.items()]))
+    proc = subprocess.run([sys.executable, str(REPO / "tests" / "launched_runs.py"), str(plan)], capture_output=True,
+                          text=True, cwd=REPO, timeout=600, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return root
+
+
+def assert_evaluates_as_stored(cli, run, tasks=2):
+    """A straight run (its seed-1993 folder ``run``) has every task's accuracy in [0, 100] and `slca eval` of its
+    last task reproduces the stored accuracy."""
+    metrics = read_json(run / "metrics.json")
+    assert len(metrics["task_accuracy"]) == tasks and all(0 <= a <= 100 for a in metrics["task_accuracy"])
+    code, stdout, stderr = cli("eval", run / f"task-{tasks:02d}", "--device", "cpu", "--no-progress", "--json")
+    assert code == 0, stderr
+    assert json.loads(stdout)["matches_stored"] is True

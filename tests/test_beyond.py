@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import REPO, TINY, assert_one_line_error, read_json
-from procs import Running, assert_kill_and_resume_match
+from procs import assert_evaluates_as_stored, assert_kill_and_resume_match, train_each
 
 from slca_cli.closed_form import (RIDGE_GRID, cosine_prototypes, lda_classifier, oas_shrinkage, ridge_validation_errors,
                                   ridge_weights, select_ridge, shrink_class_covariances)
@@ -104,22 +104,15 @@ def test_cosine_prototype_heads_rank_as_cosine_similarity():
 
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory):
-    """One uninterrupted run per variant."""
-    root = tmp_path_factory.mktemp("beyond")
-    for name, flags in VARIANTS.items():
-        run = Running(["train", *TINY, *SMALL, *flags, "--out", root / name])
-        assert run.finish() == 0, "\n".join(run.lines[-20:])
-    return root
+    """One uninterrupted run per variant (one process for them all)."""
+    table = {name: [*TINY, *SMALL, *flags] for name, flags in VARIANTS.items()}
+    return train_each(tmp_path_factory.mktemp("beyond"), table)
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_each_variant_trains_evaluates_and_resumes_after_a_kill(straight, tmp_path, cli, name):
     want = straight / name / "seed-1993"
-    metrics = read_json(want / "metrics.json")
-    assert len(metrics["task_accuracy"]) == 2 and all(0 <= a <= 100 for a in metrics["task_accuracy"])
-    code, stdout, stderr = cli("eval", want / "task-02", "--device", "cpu", "--no-progress", "--json")
-    assert code == 0, stderr
-    assert json.loads(stdout)["matches_stored"] is True
+    assert_evaluates_as_stored(cli, want)
     # SIGKILL inside task 2, then --resume: the same numbers and the same tensors as the straight run.
     args = ["train", *TINY, *SMALL, *VARIANTS[name], "--out", tmp_path / name]
     assert_kill_and_resume_match(want, args, KILL_AT[name], RESULT_KEYS)

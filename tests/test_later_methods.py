@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from conftest import REPO, TINY, assert_one_line_error, read_json
-from procs import Running, assert_kill_and_resume_match
+from procs import assert_evaluates_as_stored, assert_kill_and_resume_match, train_each
 
 from slca_cli.methods.base import Stage1Inputs
 from slca_cli.methods.coda import component_weights, gram_schmidt_rows, orthogonality_penalty
@@ -114,22 +114,15 @@ def test_coda_component_weights_are_cosines_of_the_attended_query_and_the_keys()
 
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory):
-    """One uninterrupted run per method."""
-    root = tmp_path_factory.mktemp("later")
-    for name, flags in METHODS.items():
-        run = Running(["train", *TINY, *SMALL, *flags, "--out", root / name])
-        assert run.finish() == 0, "\n".join(run.lines[-20:])
-    return root
+    """One uninterrupted run per method (one process for them all)."""
+    table = {name: [*TINY, *SMALL, *flags] for name, flags in METHODS.items()}
+    return train_each(tmp_path_factory.mktemp("later"), table)
 
 
 @pytest.mark.parametrize("name", list(METHODS))
 def test_each_method_trains_evaluates_and_resumes_after_a_kill(straight, tmp_path, cli, name):
     want = straight / name / "seed-1993"
-    metrics = read_json(want / "metrics.json")
-    assert len(metrics["task_accuracy"]) == 2 and all(0 <= a <= 100 for a in metrics["task_accuracy"])
-    code, stdout, stderr = cli("eval", want / "task-02", "--device", "cpu", "--no-progress", "--json")
-    assert code == 0, stderr
-    assert json.loads(stdout)["matches_stored"] is True
+    assert_evaluates_as_stored(cli, want)
     # SIGKILL inside task 2, then --resume: the same numbers and the same tensors as the straight run.
     args = ["train", *TINY, *SMALL, *METHODS[name], "--out", tmp_path / name]
     assert_kill_and_resume_match(want, args, KILL_AT[name], RESULT_KEYS)
@@ -204,28 +197,41 @@ def test_bad_method_flags_are_one_line_errors(cli, tmp_path, flags, fragment):
     assert not (tmp_path / "x").exists()
 
 
-def test_cofima_with_two_processes_computes_the_fisher_of_one(tmp_path):
-    # Stage 1 itself is not the one-process run's under two host processes (tests/test_distributed.py): a frozen
-    # backbone and a (nearly) still head keep the models equal, so what is compared is the Fisher pass and the merge.
-    flags = [*TINY, *SMALL, "--train-per-class", 7, "--batch-size", 4, "--method", "cofima", "--lr-backbone", 0,
-             "--lr-head", 1e-9]
+TWO = [*TINY, *SMALL, "--train-per-class", 7, "--batch-size", 4]
+# Stage 1 itself is not the one-process run's under two host processes (tests/test_distributed.py): for CoFiMA a
+# frozen backbone and a (nearly) still head keep the models equal, so what is compared is the Fisher pass and the merge.
+TWO_PROCESS_RUNS = {"cofima": [*TWO, "--method", "cofima", "--lr-backbone", 0, "--lr-head", 1e-9],
+                    "aper": [*TWO, *METHODS["aper"]], "coda-prompt": [*TWO, *METHODS["coda-prompt"]]}
+
+
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory):
+    """TWO_PROCESS_RUNS under one 2-process launch (tests/launched_runs.py: one process start for all three)."""
+    base = tmp_path_factory.mktemp("two")
+    plan = base / "plan.json"
+    plan.write_text(json.dumps([[str(base / name), [str(a) for a in args], None]
+                                for name, args in TWO_PROCESS_RUNS.items()]))
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "slca_cli"]
-    proc = subprocess.run([*launch, "train", *map(str, flags), "--out", str(tmp_path / "two")], capture_output=True,
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    proc = subprocess.run([*launch, str(REPO / "tests" / "launched_runs.py"), str(plan)], capture_output=True,
                           text=True, cwd=REPO, timeout=600,
                           env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return base
+
+
+def test_cofima_with_two_processes_computes_the_fisher_of_one(two_processes, tmp_path):
     from conftest import Cli
-    code, _, stderr = Cli()("train", *flags, "--out", tmp_path / "one")
+    code, _, stderr = Cli()("train", *TWO_PROCESS_RUNS["cofima"], "--out", tmp_path / "one")
     assert code == 0, stderr
+    runs = {"one": tmp_path / "one", "two": two_processes / "cofima"}
     for task in ("task-01", "task-02"):
-        one, two = (load_file(str(tmp_path / r / "seed-1993" / task / f)) for r in ("one", "two")
-                    for f in ("stats.safetensors",))
+        one, two = (load_file(str(runs[r] / "seed-1993" / task / "stats.safetensors")) for r in ("one", "two"))
         fisher = [k for k in one if k.startswith("method.fisher.")]
         assert fisher and set(fisher) == {k for k in two if k.startswith("method.fisher.")}
         for key in fisher:
             torch.testing.assert_close(two[key], one[key], rtol=1e-3, atol=1e-9)
-        a, b = (load_file(str(tmp_path / r / "seed-1993" / task / "model.safetensors")) for r in ("one", "two"))
+        a, b = (load_file(str(runs[r] / "seed-1993" / task / "model.safetensors")) for r in ("one", "two"))
         for key in a:
             if key.startswith("backbone."):
                 torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5)
@@ -243,16 +249,9 @@ def test_a_coda_prompt_run_whose_pool_is_used_up_cannot_be_continued():
 
 
 @pytest.mark.parametrize("name", ["aper", "coda-prompt"])
-def test_aper_and_coda_prompt_run_with_two_processes(tmp_path, cli, name):
+def test_aper_and_coda_prompt_run_with_two_processes(two_processes, cli, name):
     """Each test image counted once over both processes, and the folder scores as stored with one process."""
-    flags = [*TINY, *SMALL, "--train-per-class", 7, "--batch-size", 4, *METHODS[name]]
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "slca_cli"]
-    proc = subprocess.run([*launch, "train", *map(str, flags), "--out", str(tmp_path / "two")], capture_output=True,
-                          text=True, cwd=REPO, timeout=600,
-                          env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    run = tmp_path / "two" / "seed-1993"
+    run = two_processes / name / "seed-1993"
     assert [c["total"] for c in read_json(run / "metrics.json")["counts"]] == [[18], [18, 18]]
     code, stdout, stderr = cli("eval", run / "task-02", "--device", "cpu", "--no-progress", "--json")
     assert code == 0 and json.loads(stdout)["matches_stored"] is True, stderr
