@@ -106,3 +106,24 @@ def digit_run(digit_folders, tmp_path_factory):
     code, _, stderr = Cli()("train", *DIGIT_RUN, "--data-root", digit_folders[0], "--out", out)
     assert code == 0, stderr
     return out / "seed-1993"
+
+
+@pytest.fixture(scope="session")
+def method_run(digit_folders, tmp_path_factory):
+    """``method_run(METHOD)``: a finished 2-task run of METHOD on the digits 0-7 folder (1 epoch, 4 training and 2
+    test images per class), trained on first use and shared (read only) by the predict and export tests."""
+    runs = {}
+
+    def get(method):
+        if method not in runs:
+            out = tmp_path_factory.mktemp(f"method-{method}") / "run"
+            extra = ["--ranpac-dim", 32] if method == "ranpac" else []
+            code, _, stderr = Cli()("train", "--dataset", "folder", "--data-root", digit_folders[0], "--backbone",
+                                    "vit-tiny-test", "--device", "cpu", "--no-progress", "--epochs", 1, "--ca-epochs",
+                                    1, "--method", method, "--tasks", 2, "--test-per-class", 2, "--train-per-class",
+                                    4, *extra, "--out", out)
+            assert code == 0, stderr
+            runs[method] = out / "seed-1993"
+        return runs[method]
+
+    return get

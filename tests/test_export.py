@@ -85,19 +85,14 @@ def test_onnx_logits_equal_pytorch(exported, digit_run, digit_folders, tmp_path,
 
 
 @pytest.mark.parametrize("method", ["slca++", "l2p"])
-def test_lora_is_merged_and_prompt_methods_export_as_onnx_only(method, digit_folders, tmp_path, cli):
-    code, _, stderr = cli("train", "--dataset", "folder", "--data-root", digit_folders[0], "--backbone",
-                          "vit-tiny-test", "--device", "cpu", "--no-progress", "--epochs", 1, "--ca-epochs", 1,
-                          "--tasks", 2, "--train-per-class", 2, "--test-per-class", 1, "--method", method,
-                          "--out", tmp_path / "run")
-    assert code == 0, stderr
-    code, stdout, stderr = cli("export", tmp_path / "run" / "seed-1993", "--out", tmp_path / "export")
+def test_lora_is_merged_and_prompt_methods_export_as_onnx_only(method, method_run, tmp_path, cli):
+    run = method_run(method)
+    code, stdout, stderr = cli("export", run, "--out", tmp_path / "export")
     if method == "l2p":
         assert_one_line_error(code, stderr, "--method l2p is not a plain timm model", "--format onnx")
         assert not (tmp_path / "export" / "model.safetensors").exists()
         if importlib.util.find_spec("onnxruntime") and importlib.util.find_spec("onnx"):
-            code, stdout, stderr = cli("export", tmp_path / "run" / "seed-1993", "--out", tmp_path / "export",
-                                       "--format", "onnx")
+            code, stdout, stderr = cli("export", run, "--out", tmp_path / "export", "--format", "onnx")
             assert code == 0, stderr
             assert float(re.search(r"within (\S+)$", stdout.splitlines()[0]).group(1)) <= 1e-4
     else:

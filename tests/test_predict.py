@@ -87,15 +87,10 @@ def test_bad_checkpoints_and_empty_inputs_are_one_line_errors(digit_run, tmp_pat
 # One method per kind of model: fine-tuned heads (seqft, sl, joint and linear build the same model as slca), prompts
 # chosen per image, LoRA, prototypes, a random projection in front of the heads.
 @pytest.mark.parametrize("method", ["slca", "l2p", "dualprompt", "slca++", "simplecil", "ranpac"])
-def test_every_method_predicts_what_eval_scores(method, digit_folders, tmp_path, cli):
+def test_every_method_predicts_what_eval_scores(method, method_run, digit_folders, cli):
     """Prompt methods, LoRA, training-free classifiers: predictions on the test images give eval's counts."""
     root = digit_folders[0]
-    extra = ["--tasks", 2] + (["--ranpac-dim", 32] if method == "ranpac" else [])
-    code, _, stderr = cli("train", "--dataset", "folder", "--data-root", root, "--backbone", "vit-tiny-test",
-                          "--device", "cpu", "--no-progress", "--epochs", 1, "--ca-epochs", 1, "--method", method,
-                          "--test-per-class", 2, "--train-per-class", 4, *extra, "--out", tmp_path / "run")
-    assert code == 0, stderr
-    seed = tmp_path / "run" / "seed-1993"
+    seed = method_run(method)
     last = sorted(seed.glob("task-*"))[-1]
     state = read_json(last / "state.json")
     code, stdout, stderr = cli("predict", seed, *[root / "test" / n / p.name for n in state["class_names"]
