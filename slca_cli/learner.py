@@ -66,7 +66,9 @@ def fit_task(model: ContinualModel, loader: DataLoader, accelerator, recipe: Tra
                 _check_finite(value, float(total), task, epoch)
                 bar.set_postfix(epoch=epoch + 1, loss=f"{value:.3f}")
         schedule.step()
-        losses.append(float(total) / max(seen, 1))
+        # The mean over every process's images, so the recorded loss does not depend on the process count.
+        summed = sum_across_processes(torch.stack([total, total.new_tensor(float(seen))]), accelerator)
+        losses.append(float(summed[0]) / max(float(summed[1]), 1.0))
         bar.epoch_done(epoch, losses[-1])
         if epoch_checkpoints:
             epoch_checkpoints.epoch_done(epoch, accelerator, model, optimizer, schedule, loader, losses)
