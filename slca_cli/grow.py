@@ -70,7 +70,7 @@ def original_source(state: TaskState) -> Dict[str, Any]:
     by_id = dict(zip(state.class_order, class_names_of(state)))
     return {"kind": "dataset", "dataset": cfg.dataset, "data_root": cfg.data_root, "num_classes": cfg.num_classes,
             "class_names": [by_id[c] for c in range(cfg.num_classes)],
-            "train_per_class": cfg.train_per_class, "test_per_class": cfg.test_per_class,
+            "train_per_class": cfg.train_per_class, "test_per_class": cfg.test_per_class, "classes": cfg.classes,
             "skip_bad_images": cfg.skip_bad_images, "tasks": list(range(1, cfg.num_tasks + 1)),
             "file_list_sha256": state.data_fingerprint, "scored": True}
 
@@ -85,7 +85,7 @@ def _load_source(source: Dict[str, Any], style: str, data_root: Optional[str]) -
         root = data_root if data_root is not None else source["data_root"]
         data = load_dataset(source["dataset"], root, source["num_classes"] if source["dataset"] == "synthetic"
                             else None, source["train_per_class"], source["test_per_class"],
-                            bool(source["skip_bad_images"]))
+                            bool(source["skip_bad_images"]), source.get("classes"))
         where = root or source["dataset"]
     else:
         data = image_folder_splits("folder", Path(source["path"]), style, None, None)

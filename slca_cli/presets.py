@@ -131,6 +131,9 @@ class RunConfig:
                                             bounds=dict(min=1))
     test_per_class: Optional[int] = option(DATA, "Use at most this many test images per class.", default=None,
                                            bounds=dict(min=1))
+    classes: Optional[str] = option(DATA, "Train on these class ids of the dataset only (its own ids, 0-based in its "
+                                    "class order), e.g. 50-99 or 0-9,20; they become classes 0..N-1 of the run in "
+                                    "id order. Default: every class.", default=None)  # data/subset.py
     freeze_bn: bool = option(BACKBONE, "BatchNorm backbones: keep the pre-trained running statistics (default) or "
                              "update them.", "--freeze-bn/--update-bn", default=True)
     optimizer: str = option(STAGE1, f"{' or '.join(CHOICES['optimizer'])}.", default="sgd")
