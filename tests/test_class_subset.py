@@ -46,6 +46,14 @@ def test_a_folder_subset_trains_evaluates_and_predicts_with_its_own_class_names(
     names = state["class_names"]
     assert per_task_correct(ours, {n: i for i, n in enumerate(names)}, state["task_sizes"]) == \
         state["counts"][-1]["correct"]
+    # `slca continue` reads the same four classes back (checked against their file-list checksum) and adds 8, 9.
+    code, _, stderr = cli("continue", seed_dir, "--data-root", digit_folders[1], "--out", tmp_path / "more",
+                          "--device", "cpu", "--no-progress")
+    assert code == 0, stderr
+    grown = read_json(tmp_path / "more" / "seed-1993" / "task-03" / "state.json")
+    assert grown["class_names"][:4] == state["class_names"] and sorted(grown["class_names"][4:]) == ["8", "9"]
+    code, stdout, stderr = cli("eval", tmp_path / "more" / "seed-1993" / "task-03", "--json", "--no-progress")
+    assert code == 0 and json.loads(stdout)["correct"] == grown["counts"][-1]["correct"], stderr
     # Another spelling of the same classes is the same experiment: --resume accepts it (nothing left to do).
     code, _, stderr = cli("train", "--dataset", "folder", "--data-root", root, "--backbone", "vit-tiny-test",
                           "--device", "cpu", "--no-progress", "--classes", "3,4,5,6", "--tasks", 2, "--epochs", 1,
