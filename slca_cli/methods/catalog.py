@@ -124,6 +124,11 @@ def _coda_prompt():
     return CODAPrompt
 
 
+def _inflora():
+    from .inflora import InfLoRA
+    return InfLoRA
+
+
 # Spec section 7 (the SLCA paper, Zhang et al., ICCV 2023, Tables 1-2): ViT-B/16 IN21K, 10 tasks, mean of 3 seeds.
 SLCA_PAPER = "the SLCA paper (Zhang et al., ICCV 2023), Tables 1-2"
 # RanPAC paper (McDonnell et al., NeurIPS 2023), Tables 1-2, final accuracy as the authors publish it in
@@ -142,7 +147,6 @@ _SLCAPP_HALF_SCE = dict(sce_a=0.5, sce_b=0.5, weight_decay=0.0)
 # The methods later papers compare against (CONTRIBUTING.md, "Methods", has every default's source).
 COFIMA_PAPER = ("the CoFiMA paper (Marouf et al., ECCV 2024), Last-Acc of ViT-B/16 IN21K, mean of 3 seeds as in the "
                 "authors' logs")
-CODA_PAPER = "the CODA-Prompt paper (Smith et al., CVPR 2023), Tables 1-2 (10 tasks; ViT-B/16 IN1K, not IN21K)"
 # APER's fine-tuning variant (LAMDA-PILOT exps/aper_finetune.json; ImageNet-R: aper_finetune_inr.json).
 _APER = dict(lr_backbone=0.01, lr_head=0.01, schedule="cosine", min_lr=0.0, lr_drop_epoch=None, weight_decay=0.05,
              epochs=6, batch_size=128, fresh_norm=False)
@@ -150,6 +154,12 @@ _APER = dict(lr_backbone=0.01, lr_head=0.01, schedule="cosine", min_lr=0.0, lr_d
 _CODA = dict(prompt_pool=100, prompt_length=8, ortho_weight=0.0, optimizer="adam", lr_backbone=1e-3, lr_head=1e-3,
              weight_decay=0.0, schedule="cosine", min_lr=1e-5, lr_drop_epoch=None, epochs=20, batch_size=128,
              grad_clip=None, fresh_norm=False)
+# InfLoRA (the authors' liangyanshuo/InfLoRA configs/cifar100_inflora.json, mimg10_inflora.json): rank 10 on keys and
+# values, Adam 5e-4 for the up-projections and the head, no weight decay, cosine per task, batch 128, 20 epochs and
+# threshold 0.95 -> 1.0 on CIFAR-100, 50 epochs and 0.98 -> 1.0 on ImageNet-R (and CUB, Cars).
+_INFLORA = dict(lora_rank=10, lora_scale=1.0, inflora_threshold=0.95, inflora_threshold_end=1.0, optimizer="adam",
+                lr_backbone=5e-4, lr_head=5e-4, weight_decay=0.0, schedule="cosine", min_lr=0.0, lr_drop_epoch=None,
+                epochs=20, batch_size=128, grad_clip=None, fresh_norm=False)
 
 CATALOG: Tuple[MethodSpec, ...] = (
     MethodSpec("seqft", "Seq FT", "sequential fine-tuning, one learning rate (1e-2) for backbone and head: the "
@@ -200,8 +210,11 @@ CATALOG: Tuple[MethodSpec, ...] = (
                dataset_presets={"imagenet-r": dict(epochs=5, batch_size=144, weight_decay=0.005)}),
     MethodSpec("coda-prompt", "CODA-Prompt", "CODA-Prompt: frozen ViT, prefix prompts assembled from components "
                "weighted by attention to the query, a new slice of components per task", _coda_prompt,
-               needs_vit=True, presets=_CODA, dataset_presets={d: dict(epochs=50) for d in _SMALL_DATASETS},
-               paper={"cifar100": Published(86.25), "imagenet-r": Published(75.45)}, source=CODA_PAPER),
+               needs_vit=True, presets=_CODA, dataset_presets={d: dict(epochs=50) for d in _SMALL_DATASETS}),
+    MethodSpec("inflora", "InfLoRA", "InfLoRA: frozen ViT, a LoRA branch per task on the attention keys and values, "
+               "its down-projection designed orthogonal to the old tasks' input subspace; the up-projection trains, "
+               "then the branch is merged", _inflora, needs_vit=True, presets=_INFLORA,
+               dataset_presets={d: dict(epochs=50, inflora_threshold=0.98) for d in _SMALL_DATASETS}),
 )
 METHODS: Dict[str, MethodSpec] = {spec.name: spec for spec in CATALOG}
 
