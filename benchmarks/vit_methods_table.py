@@ -71,9 +71,10 @@ def parse(argv: Optional[List[str]] = None) -> argparse.Namespace:
                         help="the pre-trained vit-tiny-test backbone (default: pretrain_small_vit.py's cache)")
     parser.add_argument("--classes", default="50-99", help="CIFAR-100 class ids the runs learn (slca --classes)")
     parser.add_argument("--tasks", type=int, default=5)
-    parser.add_argument("--epochs", type=int, default=3,
-                        help="epochs per task for every method that trains (overrides the methods' presets)")
-    parser.add_argument("--train-per-class", type=int, default=200, help="training images per class (of 500)")
+    parser.add_argument("--epochs", type=int, default=5,
+                        help="epochs per task for every method that trains, overriding the methods' presets (5: "
+                             "L2P's and DualPrompt's own CIFAR-100 schedule; SLCA and CODA-Prompt train 20)")
+    parser.add_argument("--train-per-class", type=int, default=500, help="training images per class (500: all)")
     parser.add_argument("--test-per-class", type=int, default=100, help="test images per class (all 100)")
     parser.add_argument("--seed", type=int, default=1993)
     parser.add_argument("--threads", type=int, default=1,
