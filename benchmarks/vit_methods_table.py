@@ -262,8 +262,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     failed = 0
     for method in args.methods:
         print(f"{method}: running ...", flush=True)
+        code = git_commit()  # the code the method runs with
         row = run_probe(args) if method == PROBE else run_method(args, method)
-        row.update(git_commit(), finished=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+        row.update(code, finished=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
         record["methods"][method] = row
         write(args.out, record)  # after every method: a crash keeps what finished
         failed += row["status"] != "ok"
