@@ -187,6 +187,9 @@ def grown_config(cfg: RunConfig, new_classes: int, execution: Dict[str, Any]) ->
     if cfg.method == "coda-prompt" and (cfg.num_tasks + 1) * per_task > cfg.prompt_pool:
         raise SlcaError(f"--method coda-prompt gives each task {per_task} of its {cfg.prompt_pool} prompt components "
                         f"and none are left for a new task; a coda-prompt run cannot be continued")
+    if cfg.method == "mos":
+        raise SlcaError("--method mos allocates its adapters and class prototypes for the run's tasks when it starts; "
+                        "a mos run cannot be continued (train a new run over all the classes)")
     return cfg.replace(num_classes=cfg.num_classes + new_classes, task_sizes=tuple(cfg.task_sizes) + (new_classes,),
                        weights=None, device_augment=False, **execution)
 

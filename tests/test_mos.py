@@ -211,3 +211,13 @@ def test_mos_refuses_a_backbone_that_is_not_a_vit(cli, monkeypatch, tmp_path):
                        "--device", "cpu", "--tasks", 2, "--num-classes", 4, "--out", tmp_path / "x")
     assert_one_line_error(code, err, "--method mos needs a ViT backbone", "tiny-cnn-test")
     assert not (tmp_path / "x").exists()
+
+
+def test_a_mos_run_cannot_be_continued():
+    from slca_cli.errors import SlcaError
+    from slca_cli.grow import grown_config
+    from slca_cli.presets import DEFAULTS, RunConfig
+    cfg = RunConfig(**dict(DEFAULTS, dataset="folder", backbone="vit-tiny-test", method="mos", num_classes=4,
+                           task_sizes=(2, 2)))
+    with pytest.raises(SlcaError, match="cannot be continued"):
+        grown_config(cfg, 2, {})
