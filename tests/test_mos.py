@@ -146,7 +146,8 @@ def test_mos_trains_its_adapters_and_rebuilds_from_the_folder(straight, cli, tmp
     folder = tmp_path / "images"
     folder.mkdir()
     for i in range(3):
-        Image.fromarray(np.random.default_rng(i).integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+        pixels = np.random.default_rng(i).integers(0, 255, (32, 32, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"{i}.png")
     code, stdout, stderr = cli("predict", straight / "task-02", folder, "--device", "cpu", "--no-progress",
                                "--top-k", 6, "--format", "json")
     assert code == 0, stderr
