@@ -27,6 +27,8 @@ class Method:
     - ``wrap_backbone``: add the method's parameters (prompts, LoRA); they live under ``backbone.`` in
       model.safetensors, so checkpoints, ``slca eval`` and ``--resume`` rebuild them from the folder alone.
     - ``start_task``: per-task state (which E-prompt trains, LoRA initialization).
+    - ``before_stage1``: prepare what trains from the task's training images, before stage 1 (InfLoRA designs its
+      LoRA down-projection from them).
     - ``recipe``: which parameters train at what lr, optimizer, schedule, loss.
     - ``alignment`` / ``after_alignment``: how classifier alignment runs, and what follows it.
     - ``after_stage1``: change the model after stage 1, before anything reads its features (CoFiMA merges the
@@ -58,6 +60,11 @@ class Method:
 
     def start_task(self, model: nn.Module, task: int, cfg: RunConfig) -> None:
         pass
+
+    def before_stage1(self, model: nn.Module, task: int, cfg: RunConfig, inputs: "Stage1Inputs") -> None:
+        """Before stage 1 of a task that trains, after ``start_task``: ``inputs`` as ``after_stage1`` gets them (the
+        task's fixed-draw training views, the state kept from the last task). Changes the model only; must be
+        deterministic, since --resume (also mid-task) runs it again. Default: nothing."""
 
     def recipe(self, model: nn.Module, task: int, cfg: RunConfig) -> TrainingRecipe:
         """The whole backbone at ``lr_backbone`` (0 = frozen, kept in eval mode) and the current head."""
@@ -105,9 +112,10 @@ class ClassifierInputs:
 
 @dataclass
 class Stage1Inputs:
-    """What ``Method.after_stage1`` may use: the task's training images under the train transform with fixed draws
-    (``train_views()``: the same images, crops and order under any number of processes), the accelerator, the
-    first label of the task, the state kept from the last task, the run's log and whether to show progress."""
+    """What ``Method.before_stage1`` and ``Method.after_stage1`` may use: the task's training images under the train
+    transform with fixed draws (``train_views()``: the same images, crops and order under any number of processes),
+    the accelerator, the first label of the task, the state kept from the last task, the run's log and whether to
+    show progress."""
 
     train_views: Callable[[], Any]
     accelerator: Any

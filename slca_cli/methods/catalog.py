@@ -124,6 +124,11 @@ def _coda_prompt():
     return CODAPrompt
 
 
+def _inflora():
+    from .inflora import InfLoRA
+    return InfLoRA
+
+
 def _mos():
     from .mos import MOS
     return MOS
@@ -154,6 +159,12 @@ _APER = dict(lr_backbone=0.01, lr_head=0.01, schedule="cosine", min_lr=0.0, lr_d
 _CODA = dict(prompt_pool=100, prompt_length=8, ortho_weight=0.0, optimizer="adam", lr_backbone=1e-3, lr_head=1e-3,
              weight_decay=0.0, schedule="cosine", min_lr=1e-5, lr_drop_epoch=None, epochs=20, batch_size=128,
              grad_clip=None, fresh_norm=False)
+# InfLoRA (the authors' liangyanshuo/InfLoRA configs/cifar100_inflora.json, mimg10_inflora.json): rank 10 on keys and
+# values, Adam 5e-4 for the up-projections and the head, no weight decay, cosine per task, batch 128, 20 epochs and
+# threshold 0.95 -> 1.0 on CIFAR-100, 50 epochs and 0.98 -> 1.0 on ImageNet-R (and CUB, Cars).
+_INFLORA = dict(lora_rank=10, lora_scale=1.0, inflora_threshold=0.95, inflora_threshold_end=1.0, optimizer="adam",
+                lr_backbone=5e-4, lr_head=5e-4, weight_decay=0.0, schedule="cosine", min_lr=0.0, lr_drop_epoch=None,
+                epochs=20, batch_size=128, grad_clip=None, fresh_norm=False)
 # MOS (LAMDA-PILOT exps/mos.json; ImageNet-R: mos_inr.json): adapters at 0.03, head at 0.1 x that, SGD, cosine to 0,
 # 20 epochs, batch 48; alignment 30 epochs at 0.005 with 5 x batch samples per class, one class's worth per step.
 _MOS = dict(mos_bottleneck=16, mos_merge=0.1, mos_reg=0.1, mos_ensemble=True, optimizer="sgd", lr_backbone=0.03,
@@ -213,6 +224,10 @@ CATALOG: Tuple[MethodSpec, ...] = (
     MethodSpec("coda-prompt", "CODA-Prompt", "CODA-Prompt: frozen ViT, prefix prompts assembled from components "
                "weighted by attention to the query, a new slice of components per task", _coda_prompt,
                needs_vit=True, presets=_CODA, dataset_presets={d: dict(epochs=50) for d in _SMALL_DATASETS}),
+    MethodSpec("inflora", "InfLoRA", "InfLoRA: frozen ViT, a LoRA branch per task on the attention keys and values, "
+               "its down-projection designed orthogonal to the old tasks' input subspace; the up-projection trains, "
+               "then the branch is merged", _inflora, needs_vit=True, presets=_INFLORA,
+               dataset_presets={d: dict(epochs=50, inflora_threshold=0.98) for d in _SMALL_DATASETS}),
     MethodSpec("mos", "MOS", "MOS: frozen ViT, an adapter per task merged with the earlier ones, SLCA's alignment; "
                "at test time a first pass retrieves each image's adapter, refined by the heads", _mos, aligns=True,
                needs_vit=True, presets=_MOS, dataset_presets={"imagenet-r": _MOS_INR}),
