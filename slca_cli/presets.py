@@ -185,8 +185,10 @@ class RunConfig:
                                           "tasks (the authors' 1.0).", default=1.0, bounds=dict(above=0.0, max=1.0))
     ortho_weight: float = option(METHOD, "coda-prompt: weight of the orthogonality penalty on keys, attention vectors "
                                  "and prompts (paper: 0).", default=0.0, bounds=dict(min=0.0))
-    mos_bottleneck: int = option(METHOD, "mos: bottleneck width of each task's adapter (the authors' ffn_num: 16).",
-                                 default=16, bounds=dict(min=1))
+    adapter_bottleneck: int = option(METHOD, "ease, mos: width of each AdaptFormer adapter's bottleneck (the "
+                                     "authors' ffn_num: ease 64, mos 16).", default=64, bounds=dict(min=1))
+    ease_alpha: float = option(METHOD, "ease: weight of the other tasks' subspaces in a class's score, divided by the "
+                               "tasks so far minus one (the authors' alpha: 0.1).", default=0.1, bounds=dict(min=0.0))
     mos_merge: float = option(METHOD, "mos: after every step the task's adapter becomes (1 - m) itself + m the mean "
                               "of the earlier tasks' adapters (the authors' adapter_momentum: 0.1; 0 = off).",
                               default=0.1, bounds=dict(min=0.0, max=1.0))

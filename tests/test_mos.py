@@ -187,7 +187,7 @@ def test_mos_runs_with_two_processes(tmp_path, cli):
 
 @pytest.mark.parametrize("flags,fragment", [
     (["--mos-merge", "1.5"], "--mos-merge"),
-    (["--mos-bottleneck", "0"], "--mos-bottleneck"),
+    (["--adapter-bottleneck", "0"], "--adapter-bottleneck"),
     (["--mos-reg", "-1"], "--mos-reg"),
 ])
 def test_bad_mos_flags_are_one_line_errors(cli, tmp_path, flags, fragment):

@@ -184,7 +184,7 @@ class MOS(Method):
 
     def wrap_backbone(self, backbone: nn.Module, cfg: RunConfig) -> nn.Module:
         require_vit(self.name, cfg.backbone, backbone)
-        return MOSBackbone(backbone, cfg.num_tasks, cfg.num_classes, cfg.mos_bottleneck, cfg.mos_merge,
+        return MOSBackbone(backbone, cfg.num_tasks, cfg.num_classes, cfg.adapter_bottleneck, cfg.mos_merge,
                            cfg.mos_ensemble)
 
     def start_task(self, model: nn.Module, task: int, cfg: RunConfig) -> None:
