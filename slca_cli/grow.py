@@ -191,6 +191,9 @@ def grown_config(cfg: RunConfig, new_classes: int, execution: Dict[str, Any]) ->
         raise SlcaError(f"--method ease builds one adapter and one feature subspace per task when the run starts "
                         f"({cfg.num_tasks} here), so its heads have no room for another task; an ease run cannot be "
                         f"continued")
+    if cfg.method == "mos":
+        raise SlcaError("--method mos allocates its adapters and class prototypes for the run's tasks when it starts; "
+                        "a mos run cannot be continued (train a new run over all the classes)")
     return cfg.replace(num_classes=cfg.num_classes + new_classes, task_sizes=tuple(cfg.task_sizes) + (new_classes,),
                        weights=None, device_augment=False, **execution)
 
