@@ -179,7 +179,8 @@ def statistics(s: Seed, task: Task) -> Tuple[torch.Tensor, torch.Tensor]:
     """The new classes' Gaussians, kept (on the CPU) with the earlier tasks' for alignment."""
     mark("statistics", task=task.index + 1)
     means, chol = class_statistics(s.model, s.loaders.statistics(task.classes), task.offset, len(task.classes),
-                                   s.accelerator, s.cfg, s.show_progress, task.index)
+                                   s.accelerator, s.cfg, s.show_progress, task.index,
+                                   s.method.class_covariances(s.cfg))
     s.point.means.append(means.cpu())
     s.point.chols.append(chol.cpu())
     return means, chol

@@ -35,6 +35,8 @@ class Method:
       backbone with the previous task's; APER switches to its two-branch features).
     - ``trains`` / ``fit_classifier``: methods whose classifier is computed, not trained (simplecil, ranpac) skip
       stage 1 and set the heads from the class statistics or a feature pass.
+    - ``class_covariances``: whether the class statistics include covariances (alignment needs them); a method
+      whose features are very wide and whose classifier reads only the means turns them off (EASE).
     The tensors ``after_stage1`` and ``fit_classifier`` return are kept in each task's stats.safetensors
     (``method.*``) and handed back next task (also after ``--resume``); by default they pass on what they got.
     """
@@ -73,6 +75,10 @@ class Method:
             groups.insert(0, {"params": list(model.backbone.parameters()), "lr": cfg.lr_backbone})
         frozen = (model.backbone,) if cfg.lr_backbone == 0 else ()
         return recipe_from_config(groups, cfg, frozen_modules=frozen)
+
+    def class_covariances(self, cfg: RunConfig) -> bool:
+        """False: the class statistics hold means only (``chol`` is stored as a (classes, 0, 0) tensor)."""
+        return True
 
     def alignment(self, task_sizes: List[int], cfg: RunConfig) -> AlignmentRecipe:
         """Classifier alignment over the seen classes (``task_sizes``; the last is the current task)."""
