@@ -40,6 +40,7 @@ CHOICES: Dict[str, Tuple[str, ...]] = {
     "covariance": ("ridge", "shrinkage"),
     "align_mode": ("sampled", "closed-form"),
     "drift_compensation": ("off", "linear"),
+    "aper_variant": ("finetune", "ssf", "vpt"),
 }
 
 
@@ -150,7 +151,8 @@ class RunConfig:
     sample_shrink: float = option(METHOD, "slca++: mean s of the old-class sample shrinking 1/(1 + s (T - t)) in "
                                   "alignment (0 = off).", default=0.0, bounds=dict(min=0.0))
     prompt_pool: int = option(METHOD, "l2p/dualprompt: prompts (and keys) in the pool.", default=10, bounds=dict(min=1))
-    prompt_length: int = option(METHOD, "l2p: tokens per prompt; dualprompt: E-prompt length.", default=5,
+    prompt_length: int = option(METHOD, "l2p: tokens per prompt; dualprompt: E-prompt length; aper --aper-variant "
+                                "vpt: prompt tokens per block.", default=5,
                                 bounds=dict(min=1))
     prompt_top_k: int = option(METHOD, "l2p: prompts chosen per image.", default=5, bounds=dict(min=1))
     g_prompt_length: int = option(METHOD, "dualprompt: G-prompt length.", default=5, bounds=dict(min=1))
@@ -177,6 +179,9 @@ class RunConfig:
                                  bounds=dict(above=0.0, max=1.0))
     fisher_max: float = option(METHOD, "cofima: clamp of every diagonal Fisher entry (the authors' 1e-4).",
                                default=1e-4, bounds=dict(above=0.0))
+    aper_variant: str = option(METHOD, "aper: what adapts on the first task: finetune (the whole backbone), ssf "
+                               "(a scale and shift after each layer) or vpt (deep prompts, --prompt-length per "
+                               "block); the rest stays frozen.", default="finetune")
     ortho_weight: float = option(METHOD, "coda-prompt: weight of the orthogonality penalty on keys, attention vectors "
                                  "and prompts (paper: 0).", default=0.0, bounds=dict(min=0.0))
     # Where the inputs are (the data's file-list checksum and the weights' sha256 are checked separately).
@@ -265,7 +270,7 @@ def resolve_config(dataset: str, backbone: str, method: str, *, backbone_family:
                   task_sizes=tuple(task_sizes), epochs=epochs, lr_drop_epoch=drop, tau=ds["tau"],
                   image_size=backbone_image_size, mean=tuple(ds["mean"] or backbone_mean),
                   std=tuple(ds["std"] or backbone_std))
-    values.update(spec.preset(dataset))
+    values.update(spec.preset(dataset, given))
     unknown = set(given) - set(values)
     if unknown:
         raise SlcaError(f"unknown setting(s) {sorted(unknown)}")
