@@ -152,7 +152,6 @@ _SLCAPP_HALF_SCE = dict(sce_a=0.5, sce_b=0.5, weight_decay=0.0)
 # The methods later papers compare against (CONTRIBUTING.md, "Methods", has every default's source).
 COFIMA_PAPER = ("the CoFiMA paper (Marouf et al., ECCV 2024), Last-Acc of ViT-B/16 IN21K, mean of 3 seeds as in the "
                 "authors' logs")
-CODA_PAPER = "the CODA-Prompt paper (Smith et al., CVPR 2023), Tables 1-2 (10 tasks; ViT-B/16 IN1K, not IN21K)"
 # APER (LAMDA-PILOT exps/aper_*.json, CONTRIBUTING.md): SGD with a cosine schedule to 0 on the first task, one lr for
 # what adapts and the cosine head; each variant's epochs, batch, lr and weight decay from its own config (ImageNet-R:
 # its _inr config; CUB and Cars get CIFAR-100's). aper_aperpter*.json is the adapter variant's (sic).
@@ -220,8 +219,7 @@ CATALOG: Tuple[MethodSpec, ...] = (
                variants=_APER_VARIANTS),
     MethodSpec("coda-prompt", "CODA-Prompt", "CODA-Prompt: frozen ViT, prefix prompts assembled from components "
                "weighted by attention to the query, a new slice of components per task", _coda_prompt,
-               needs_vit=True, presets=_CODA, dataset_presets={d: dict(epochs=50) for d in _SMALL_DATASETS},
-               paper={"cifar100": Published(86.25), "imagenet-r": Published(75.45)}, source=CODA_PAPER),
+               needs_vit=True, presets=_CODA, dataset_presets={d: dict(epochs=50) for d in _SMALL_DATASETS}),
 )
 METHODS: Dict[str, MethodSpec] = {spec.name: spec for spec in CATALOG}
 
