@@ -40,7 +40,7 @@ CHOICES: Dict[str, Tuple[str, ...]] = {
     "covariance": ("ridge", "shrinkage"),
     "align_mode": ("sampled", "closed-form"),
     "drift_compensation": ("off", "linear"),
-    "aper_variant": ("finetune", "ssf", "vpt"),
+    "aper_variant": ("finetune", "adapter", "ssf", "vpt"),
 }
 
 
@@ -179,11 +179,14 @@ class RunConfig:
                                  bounds=dict(above=0.0, max=1.0))
     fisher_max: float = option(METHOD, "cofima: clamp of every diagonal Fisher entry (the authors' 1e-4).",
                                default=1e-4, bounds=dict(above=0.0))
-    aper_variant: str = option(METHOD, "aper: what adapts on the first task: finetune (the whole backbone), ssf "
-                               "(a scale and shift after each layer) or vpt (deep prompts, --prompt-length per "
-                               "block); the rest stays frozen.", default="finetune")
+    aper_variant: str = option(METHOD, "aper: what adapts on the first task: finetune (the whole backbone), adapter "
+                               "(an AdaptFormer adapter of --adapter-bottleneck width per block), ssf (a scale and "
+                               "shift after each layer) or vpt (deep prompts, --prompt-length per block); the rest "
+                               "stays frozen.", default="finetune")
     ortho_weight: float = option(METHOD, "coda-prompt: weight of the orthogonality penalty on keys, attention vectors "
                                  "and prompts (paper: 0).", default=0.0, bounds=dict(min=0.0))
+    adapter_bottleneck: int = option(METHOD, "ease: width of each AdaptFormer adapter's bottleneck (the authors' "
+                                     "ffn_num: 64).", default=64, bounds=dict(min=1))
     # Where the inputs are (the data's file-list checksum and the weights' sha256 are checked separately).
     data_root: Optional[str] = option(DATA, "Where the dataset lives (see `slca datasets`).", default=None,
                                       execution=True)

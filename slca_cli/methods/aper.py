@@ -2,14 +2,14 @@
 Adaptivity are All You Need", IJCV 2024; ADAM in its first version): a copy of the backbone is adapted on the first
 task only (a cosine classifier, SGD, cosine schedule), then frozen; every class's prototype is the mean of the
 concatenated features of the pre-trained and the adapted backbone, and the classifier is cosine similarity to the
-prototypes (SimpleCIL on the concatenation). ``--aper-variant`` says what adapts: the whole backbone (finetune), SSF
-scales and shifts (ssf) or deep visual prompts (vpt); the rest of the adapted copy stays frozen. Sources:
-CONTRIBUTING.md, "Methods".
+prototypes (SimpleCIL on the concatenation). ``--aper-variant`` says what adapts: the whole backbone (finetune),
+AdaptFormer adapters (adapter, methods/adapters.py), SSF scales and shifts (ssf) or deep visual prompts (vpt); the
+rest of the adapted copy stays frozen. Sources: CONTRIBUTING.md, "Methods".
 """
 from __future__ import annotations
 
 import copy
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -18,10 +18,16 @@ from torch import nn
 from ..errors import SlcaError
 from ..presets import RunConfig
 from ..recipe import TrainingRecipe
+from .adapters import adapter_parameters, inject_adapters, set_active
 from .base import Stage1Inputs, is_vit, recipe_from_config
 from .prompts import embed_tokens
 from .simplecil import SimpleCIL
 from .ssf import inject_ssf, ssf_parameters
+
+# The adapter variant's AdaptFormer adapters: output scale and dropout as LAMDA-PILOT builds its *_adapter backbones
+# (utils/inc_net.py tuning_config ffn_adapter_scalar "0.1"; backbone/vit_adapter.py Block: Adapter(dropout=0.1)).
+ADAPTER_SCALE = 0.1
+ADAPTER_DROPOUT = 0.1
 
 
 class DualBranch(nn.Module):
@@ -64,23 +70,35 @@ class DeepPrompts(nn.Module):
         return self.vit.forward_head(self.vit.norm(x), pre_logits=True)
 
 
-def adapted_copy(backbone: nn.Module, cfg: RunConfig) -> nn.Module:
-    """A copy of ``backbone`` with what ``cfg.aper_variant`` (ssf, vpt) trains added to it."""
-    variant = cfg.aper_variant
-    if not is_vit(backbone):
-        raise SlcaError(f"--aper-variant {variant} changes transformer blocks; {cfg.backbone} is a "
+def check_vit(backbone: Optional[nn.Module], cfg: RunConfig) -> None:
+    """The adapter, ssf and vpt variants change transformer blocks (None: not inspectable, checked when built)."""
+    if backbone is not None and not is_vit(backbone):
+        raise SlcaError(f"--aper-variant {cfg.aper_variant} changes transformer blocks; {cfg.backbone} is a "
                         f"{type(backbone).__name__}: use a ViT backbone or --aper-variant finetune")
+
+
+def adapted_copy(backbone: nn.Module, cfg: RunConfig) -> nn.Module:
+    """A copy of ``backbone`` with what ``cfg.aper_variant`` (adapter, ssf, vpt) trains added to it."""
+    variant = cfg.aper_variant
+    check_vit(backbone, cfg)
     adapted = copy.deepcopy(backbone)
     if variant == "ssf":
         inject_ssf(adapted)
         return adapted
     if variant == "vpt":
         return DeepPrompts(adapted, cfg.prompt_length)
-    raise SlcaError(f"--aper-variant {variant} is not built; use finetune, ssf or vpt")
+    if variant == "adapter":  # one adapter per block, always on
+        inject_adapters(adapted, cfg.adapter_bottleneck, ADAPTER_SCALE, count=1, dropout=ADAPTER_DROPOUT)
+        set_active(adapted, 0)
+        return adapted
+    raise SlcaError(f"--aper-variant {variant} is not built; use finetune, adapter, ssf or vpt")
 
 
 def adapted_parameters(adapted: nn.Module, cfg: RunConfig) -> List[nn.Parameter]:
-    """What trains on the first task: every parameter (finetune), the scales and shifts (ssf), the prompts (vpt)."""
+    """What trains on the first task: every parameter (finetune), the adapters (adapter), the scales and shifts
+    (ssf), the prompts (vpt)."""
+    if cfg.aper_variant == "adapter":
+        return adapter_parameters(adapted, 0)
     if cfg.aper_variant == "ssf":
         return list(ssf_parameters(adapted))
     if cfg.aper_variant == "vpt":
@@ -104,6 +122,18 @@ class CosineHead(nn.Module):
 
 class APER(SimpleCIL):
     """Stage 1 on the first task only; every task's head is set from its prototypes (SimpleCIL's hook)."""
+
+    def finalize_config(self, cfg: RunConfig) -> RunConfig:
+        """Refuse a variant the backbone cannot take before anything is written (its modules on the meta device)."""
+        if cfg.aper_variant != "finetune":
+            from ..backbones import get_backbone
+            try:
+                with torch.device("meta"):
+                    probe = get_backbone(cfg.backbone).build(None, False)
+            except Exception:  # a builder that cannot run on the meta device: wrap_backbone checks it
+                probe = None
+            check_vit(probe, cfg)
+        return cfg
 
     def wrap_backbone(self, backbone: nn.Module, cfg: RunConfig) -> nn.Module:
         if cfg.aper_variant == "finetune":  # the backbone adapts, a copy stays pre-trained

@@ -161,6 +161,9 @@ _APER_VARIANTS = (
     Variant("aper_variant", " (finetune)", value="finetune",
             presets=dict(epochs=6, batch_size=128, lr_backbone=0.01, lr_head=0.01, weight_decay=0.05),
             dataset_presets={"imagenet-r": dict(epochs=5, batch_size=144, weight_decay=0.005)}),
+    Variant("aper_variant", " (adapter)", value="adapter", presets=dict(_APER_PEFT, adapter_bottleneck=64),
+            dataset_presets={"imagenet-r": dict(epochs=10, batch_size=16, lr_backbone=0.05, lr_head=0.05,
+                                                weight_decay=0.005)}),
     Variant("aper_variant", " (ssf)", value="ssf", presets=_APER_PEFT),
     Variant("aper_variant", " (vpt)", value="vpt", presets=dict(_APER_PEFT, prompt_length=5),
             dataset_presets={"imagenet-r": dict(batch_size=24, lr_backbone=0.05, lr_head=0.05, prompt_length=30)}),
@@ -215,7 +218,7 @@ CATALOG: Tuple[MethodSpec, ...] = (
                dataset_presets={d: dict(cofima_alpha=0.5) for d in ("cub200", "cars196")},
                paper=_on(92.01, 79.48, 87.02, 72.46), source=COFIMA_PAPER),
     MethodSpec("aper", "APER", "APER/ADAM: the backbone adapted on the first task only (--aper-variant: finetune, "
-               "ssf or vpt), then cosine prototypes of [pre-trained, adapted] features", _aper, presets=_APER,
+               "adapter, ssf or vpt), then cosine prototypes of [pre-trained, adapted] features", _aper, presets=_APER,
                variants=_APER_VARIANTS),
     MethodSpec("coda-prompt", "CODA-Prompt", "CODA-Prompt: frozen ViT, prefix prompts assembled from components "
                "weighted by attention to the query, a new slice of components per task", _coda_prompt,
