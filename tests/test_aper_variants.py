@@ -107,10 +107,13 @@ def test_each_variant_has_its_configs_presets_and_report_label():
         return cfg.to_dict()
 
     keys = ("epochs", "batch_size", "lr_backbone", "lr_head", "weight_decay")
-    want = {("cifar100", "finetune"): (6, 128, 0.01, 0.01, 0.05), ("imagenet-r", "finetune"): (5, 144, 0.01, 0.01, 0.005),
-            ("cifar100", "adapter"): (20, 48, 0.01, 0.01, 5e-4), ("imagenet-r", "adapter"): (10, 16, 0.05, 0.05, 0.005),
+    want = {("cifar100", "finetune"): (6, 128, 0.01, 0.01, 0.05),  # LAMDA-PILOT exps/aper_finetune.json
+            ("imagenet-r", "finetune"): (5, 144, 0.01, 0.01, 0.005),  # ... aper_finetune_inr.json
+            ("cifar100", "adapter"): (20, 48, 0.01, 0.01, 5e-4),  # aper_aperpter.json
+            ("imagenet-r", "adapter"): (10, 16, 0.05, 0.05, 0.005),  # aper_aperpter_inr.json
             ("cifar100", "ssf"): (20, 48, 0.01, 0.01, 5e-4), ("imagenet-r", "ssf"): (20, 48, 0.01, 0.01, 5e-4),
-            ("cifar100", "vpt"): (20, 48, 0.01, 0.01, 5e-4), ("imagenet-r", "vpt"): (20, 24, 0.05, 0.05, 5e-4)}
+            ("cifar100", "vpt"): (20, 48, 0.01, 0.01, 5e-4),  # aper_vpt_deep.json
+            ("imagenet-r", "vpt"): (20, 24, 0.05, 0.05, 5e-4)}  # aper_vpt_deep_inr.json
     for (dataset, variant), values in want.items():
         config = resolved(dataset, variant)
         assert tuple(config[k] for k in keys) == values, (dataset, variant)

@@ -32,9 +32,9 @@ ADAPTER_DROPOUT = 0.1
 
 class DualBranch(nn.Module):
     """The pre-trained backbone (frozen, ``pretrained``) beside its adapted copy (``adapted``: the backbone itself,
-    or with SSF layers, or with deep prompts); features are their concatenation, ``[pre-trained, adapted]``, except
-    while the first task adapts (the adapted branch's alone). Both branches are saved under ``backbone.``, so a run
-    folder rebuilds the model alone."""
+    or a copy with adapters, SSF layers or deep prompts); features are their concatenation, ``[pre-trained,
+    adapted]``, except while the first task adapts (the adapted branch's alone). Both branches are saved under
+    ``backbone.``, so a run folder rebuilds the model alone."""
 
     def __init__(self, pretrained: nn.Module, adapted: nn.Module):
         super().__init__()
