@@ -5,7 +5,7 @@ nothing. This script trains the `vit-tiny-test` architecture (32 px, patch 4, 64
 first ``--classes`` classes (ids 0-49 of the sorted class names) of shared/data/cifar100-png.tar.gz, so that
 class-incremental runs on the other classes start from a real (if small) pre-trained representation:
 
-    python benchmarks/pretrain_small_vit.py                 # about an hour on 2 cores, then cached
+    python benchmarks/pretrain_small_vit.py                 # 17-25 min on 2 cores, then cached
     slca train --dataset cifar100 --data-root ... --backbone vit-tiny-test --weights <printed path> ...
 
 Deterministic from ``--seed`` (one process, no loader workers). The weights (the backbone without its head, a
@@ -44,7 +44,7 @@ def parse(argv: Optional[List[str]] = None) -> argparse.Namespace:
                         help="CIFAR-100 as train/<class>/*.png, test/<class>/*.png (folder or .tar.gz)")
     parser.add_argument("--classes", type=int, default=50, help="pre-train on class ids 0 .. N-1")
     parser.add_argument("--epochs", type=int, default=45,
-                        help="45: about an hour on 2 cores (196 steps of 128 images per epoch, ~0.4 s each)")
+                        help="45: 44.9%% test accuracy on the 50 classes; 22 s per epoch (196 steps of 128 images) on 2 idle cores, 25 min in all on one thread of a loaded machine")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=1e-3, help="AdamW, cosine schedule with 2 warm-up epochs")
     parser.add_argument("--weight-decay", type=float, default=0.05)
@@ -117,7 +117,7 @@ def pretrain(args: argparse.Namespace) -> Dict[str, Any]:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            running, seen, step = running + float(loss) * len(labels), seen + len(labels), step + 1
+            running, seen, step = running + float(loss.detach()) * len(labels), seen + len(labels), step + 1
         losses.append(round(running / max(seen, 1), 4))
         print(f"epoch {epoch + 1}/{args.epochs}: loss {losses[-1]:.3f} ({time.perf_counter() - started:.0f} s)",
               flush=True)

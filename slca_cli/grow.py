@@ -187,6 +187,10 @@ def grown_config(cfg: RunConfig, new_classes: int, execution: Dict[str, Any]) ->
     if cfg.method == "coda-prompt" and (cfg.num_tasks + 1) * per_task > cfg.prompt_pool:
         raise SlcaError(f"--method coda-prompt gives each task {per_task} of its {cfg.prompt_pool} prompt components "
                         f"and none are left for a new task; a coda-prompt run cannot be continued")
+    if cfg.method == "ease":
+        raise SlcaError(f"--method ease builds one adapter and one feature subspace per task when the run starts "
+                        f"({cfg.num_tasks} here), so its heads have no room for another task; an ease run cannot be "
+                        f"continued")
     return cfg.replace(num_classes=cfg.num_classes + new_classes, task_sizes=tuple(cfg.task_sizes) + (new_classes,),
                        weights=None, device_augment=False, **execution)
 

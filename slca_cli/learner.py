@@ -138,17 +138,17 @@ def evaluate(model: ContinualModel, loader, accelerator, task_sizes: Sequence[in
 
 
 def class_statistics(model: ContinualModel, loader, offset: int, num_classes: int, accelerator, cfg,
-                     show_progress: bool, task: int):
+                     show_progress: bool, task: int, covariances: bool = True):
     """Means and Cholesky factors of the new classes' features: test transform, eval mode, computed once. Each
     process reads its own shard; the partial sums are all-reduced, so every process holds the same statistics.
     Covariances: + ``cov_ridge`` I (the paper), or OAS-shrunk and then + ``cov_ridge`` I (``--covariance
-    shrinkage``)."""
-    accumulator = ClassStatistics(num_classes, model.feature_dim, device=accelerator.device)
+    shrinkage``). ``covariances`` False: means only, empty (C, 0, 0) factors (Method.class_covariances)."""
+    accumulator = ClassStatistics(num_classes, model.feature_dim, device=accelerator.device, covariances=covariances)
     for features, labels in feature_batches(model, loader, accelerator, f"task {task + 1} statistics",
                                             show_progress):
         accumulator.update(features, labels - offset)
     accumulator.all_reduce(lambda t: sum_across_processes(t, accelerator))
     means, covs = accumulator.finalize(cfg.cov_ridge if cfg.covariance == "ridge" else 0.0)
-    if cfg.covariance == "shrinkage":
+    if covariances and cfg.covariance == "shrinkage":
         covs = shrink_class_covariances(covs, accumulator.counts, cfg.cov_ridge)
     return means, cholesky_factors(covs)  # once per class; the sampler reuses the factors in every later task

@@ -142,8 +142,9 @@ class RunConfig:
     sce_a: float = option(METHOD, "Symmetric CE: weight of cross-entropy.", default=1.0, bounds=dict(min=0.0))
     sce_b: float = option(METHOD, "Symmetric CE: weight of reverse cross-entropy (0 = plain CE).", default=0.0,
                           bounds=dict(min=0.0))
-    lora_rank: int = option(METHOD, "slca++: LoRA rank on each block's qkv, fc1, fc2.", default=0, bounds=dict(min=0))
-    lora_scale: float = option(METHOD, "slca++: LoRA scale.", default=0.8, bounds=dict(min=0.0))
+    lora_rank: int = option(METHOD, "slca++: LoRA rank on each block's qkv, fc1, fc2; inflora: rank of each task's "
+                            "key and value branch.", default=0, bounds=dict(min=0))
+    lora_scale: float = option(METHOD, "slca++ / inflora: LoRA scale.", default=0.8, bounds=dict(min=0.0))
     lr_lora: Optional[float] = option(METHOD, "slca++: LoRA learning rate after the first task.", default=None,
                                       bounds=dict(min=0.0))
     lr_lora_first: Optional[float] = option(METHOD, "slca++: LoRA learning rate in the first task.", default=None,
@@ -183,10 +184,17 @@ class RunConfig:
                                "(an AdaptFormer adapter of --adapter-bottleneck width per block), ssf (a scale and "
                                "shift after each layer) or vpt (deep prompts, --prompt-length per block); the rest "
                                "stays frozen.", default="finetune")
+    inflora_threshold: float = option(METHOD, "inflora: share of the input energy the old tasks' subspace keeps "
+                                      "after the first task (CIFAR-100: 0.95, ImageNet-R: 0.98).", default=0.95,
+                                      bounds=dict(above=0.0, max=1.0))
+    inflora_threshold_end: float = option(METHOD, "inflora: the threshold rises linearly towards this value over the "
+                                          "tasks (the authors' 1.0).", default=1.0, bounds=dict(above=0.0, max=1.0))
     ortho_weight: float = option(METHOD, "coda-prompt: weight of the orthogonality penalty on keys, attention vectors "
                                  "and prompts (paper: 0).", default=0.0, bounds=dict(min=0.0))
-    adapter_bottleneck: int = option(METHOD, "ease: width of each AdaptFormer adapter's bottleneck (the authors' "
-                                     "ffn_num: 64).", default=64, bounds=dict(min=1))
+    adapter_bottleneck: int = option(METHOD, "ease, aper --aper-variant adapter: width of each AdaptFormer adapter's "
+                                     "bottleneck (the authors' ffn_num: 64).", default=64, bounds=dict(min=1))
+    ease_alpha: float = option(METHOD, "ease: weight of the other tasks' subspaces in a class's score, divided by the "
+                               "tasks so far minus one (the authors' alpha: 0.1).", default=0.1, bounds=dict(min=0.0))
     # Where the inputs are (the data's file-list checksum and the weights' sha256 are checked separately).
     data_root: Optional[str] = option(DATA, "Where the dataset lives (see `slca datasets`).", default=None,
                                       execution=True)

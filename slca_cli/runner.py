@@ -154,13 +154,16 @@ def fit(s: Seed, task: Task) -> Tuple[List[float], Optional[torch.Tensor]]:
     if not s.method.trains(task.index, cfg):
         return [], None
 
+    def inputs() -> Stage1Inputs:
+        return Stage1Inputs(lambda: s.loaders.train_views(task.classes, task.seed), accelerator, task.offset,
+                            s.point.method_state, s.log, s.show_progress)
+
     def train() -> List[float]:
+        s.method.before_stage1(model, task.index, cfg, inputs())
         losses = fit_task(model, s.loaders.train(task.classes, task.seed), accelerator,
                           s.method.recipe(model, task.index, cfg), task=task.index, label_offset=task.offset,
                           show_progress=s.show_progress, epoch_checkpoints=s.epoch_checkpoints.for_task(task.index))
-        s.point.method_state = s.method.after_stage1(model, task.index, cfg, Stage1Inputs(
-            lambda: s.loaders.train_views(task.classes, task.seed), accelerator, task.offset, s.point.method_state,
-            s.log, s.show_progress))
+        s.point.method_state = s.method.after_stage1(model, task.index, cfg, inputs())
         return losses
     if cfg.drift_compensation == "off" or task.index == 0:
         return train(), None
@@ -176,7 +179,8 @@ def statistics(s: Seed, task: Task) -> Tuple[torch.Tensor, torch.Tensor]:
     """The new classes' Gaussians, kept (on the CPU) with the earlier tasks' for alignment."""
     mark("statistics", task=task.index + 1)
     means, chol = class_statistics(s.model, s.loaders.statistics(task.classes), task.offset, len(task.classes),
-                                   s.accelerator, s.cfg, s.show_progress, task.index)
+                                   s.accelerator, s.cfg, s.show_progress, task.index,
+                                   s.method.class_covariances(s.cfg))
     s.point.means.append(means.cpu())
     s.point.chols.append(chol.cpu())
     return means, chol

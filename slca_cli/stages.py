@@ -18,7 +18,8 @@ STALL_SECONDS = float(os.environ.get("SLCA_STALL_SECONDS", "3600"))
 _current: Dict[str, object] = {}
 
 STAGE_NAMES = {"start": "starting", "command": "running the command", "task": "setting up",
-               "fit": "stage-1 training", "fisher": "the Fisher pass (cofima)", "statistics": "class statistics",
+               "fit": "stage-1 training", "fisher": "the Fisher pass (cofima)",
+               "subspace": "the input-subspace pass (inflora)", "statistics": "class statistics",
                "align": "classifier alignment", "evaluate": "evaluation", "save": "writing the checkpoint",
                "save-epoch": "writing the mid-task checkpoint",
                "metrics": "writing the metrics"}

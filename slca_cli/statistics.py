@@ -16,10 +16,16 @@ class ClassStatistics:
     up to float64 rounding: that is what makes ``merge`` and ``all_reduce`` exact.
     """
 
-    def __init__(self, num_classes: int, dim: int, device=None, dtype=torch.float64, buffer_rows: int = 2048):
+    def __init__(self, num_classes: int, dim: int, device=None, dtype=torch.float64, buffer_rows: int = 2048,
+                 covariances: bool = True):
+        self.covariances = covariances  # False: counts and sums only; finalize gives (C, 0, 0) covariances
+        if not covariances:
+            dim_outer, buffer_rows = 0, 0
+        else:
+            dim_outer = dim
         self.counts = torch.zeros(num_classes, dtype=dtype, device=device)
         self.sums = torch.zeros(num_classes, dim, dtype=dtype, device=device)
-        self._outer = torch.zeros(num_classes, dim, dim, dtype=dtype, device=device)
+        self._outer = torch.zeros(num_classes, dim_outer, dim_outer, dtype=dtype, device=device)
         self._rows = torch.empty(buffer_rows, dim, dtype=dtype, device=device)
         self._row_labels = torch.empty(buffer_rows, dtype=torch.long, device=device)
         self._staged = 0
@@ -43,6 +49,8 @@ class ClassStatistics:
         labels = labels.to(self.sums.device).long()
         self.counts.index_add_(0, labels, torch.ones_like(labels, dtype=x.dtype))
         self.sums.index_add_(0, labels, x)
+        if not self.covariances:
+            return
         capacity = len(self._rows)
         for start in range(0, len(labels), capacity):
             chunk, chunk_labels = x[start:start + capacity], labels[start:start + capacity]
@@ -95,6 +103,9 @@ class ClassStatistics:
         ``reduce_fn`` sums a tensor over processes (``distributed.sum_across_processes``); each process must have
         accumulated a disjoint shard of the samples, each sample exactly once.
         """
+        if not self.covariances:
+            self.counts, self.sums = reduce_fn(self.counts), reduce_fn(self.sums)
+            return
         self.counts, self.sums, self.outer = (reduce_fn(t) for t in (self.counts, self.sums, self.outer))
 
     def finalize(self, ridge: float = 1e-4) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -103,6 +114,8 @@ class ClassStatistics:
             missing = torch.nonzero(self.counts == 0).flatten().tolist()
             raise ValueError(f"no samples for class indices {missing[:10]}")
         means = self.sums / self.counts[:, None]
+        if not self.covariances:
+            return means, self._outer
         # scatter = sum x x^T - n mu mu^T = outer - sums mu^T, in one fused batched op
         scatter = torch.baddbmm(self.outer, self.sums[:, :, None], means[:, None, :], alpha=-1)
         weight = torch.where(self.counts > 1, 1 / (self.counts - 1).clamp(min=1), torch.zeros_like(self.counts))

@@ -141,7 +141,7 @@ def test_prompt_methods_refuse_a_backbone_that_is_not_a_vit(cli, monkeypatch):
     monkeypatch.setitem(_REGISTRY, "tiny-cnn-test", BackboneSpec(
         name="tiny-cnn-test", build=build, description="test CNN", family="test", image_size=32,
         mean=(0.5,) * 3, std=(0.5,) * 3))
-    for method in ("l2p", "dualprompt", "slca++", "coda-prompt"):
+    for method in ("l2p", "dualprompt", "slca++", "coda-prompt", "ease"):
         code, _, err = cli("train", "--dataset", "synthetic", "--backbone", "tiny-cnn-test", "--method", method,
                            "--device", "cpu", "--keep-norm", "--tasks", 2, "--num-classes", 4)
         assert_one_line_error(code, err, f"--method {method} needs a ViT backbone", "tiny-cnn-test")

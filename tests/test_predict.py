@@ -85,8 +85,8 @@ def test_bad_checkpoints_and_empty_inputs_are_one_line_errors(digit_run, tmp_pat
 
 
 # One method per kind of model: fine-tuned heads (seqft, sl, joint and linear build the same model as slca), prompts
-# chosen per image, LoRA, prototypes, a random projection in front of the heads.
-@pytest.mark.parametrize("method", ["slca", "l2p", "dualprompt", "slca++", "simplecil", "ranpac"])
+# chosen per image, LoRA, prototypes, a random projection in front of the heads, one ViT pass per adapter (ease).
+@pytest.mark.parametrize("method", ["slca", "l2p", "dualprompt", "slca++", "simplecil", "ranpac", "ease"])
 def test_every_method_predicts_what_eval_scores(method, digit_folders, tmp_path, cli):
     """Prompt methods, LoRA, training-free classifiers: predictions on the test images give eval's counts."""
     root = digit_folders[0]

@@ -27,12 +27,16 @@ class Method:
     - ``wrap_backbone``: add the method's parameters (prompts, LoRA); they live under ``backbone.`` in
       model.safetensors, so checkpoints, ``slca eval`` and ``--resume`` rebuild them from the folder alone.
     - ``start_task``: per-task state (which E-prompt trains, LoRA initialization).
+    - ``before_stage1``: prepare what trains from the task's training images, before stage 1 (InfLoRA designs its
+      LoRA down-projection from them).
     - ``recipe``: which parameters train at what lr, optimizer, schedule, loss.
     - ``alignment`` / ``after_alignment``: how classifier alignment runs, and what follows it.
     - ``after_stage1``: change the model after stage 1, before anything reads its features (CoFiMA merges the
       backbone with the previous task's; APER switches to its two-branch features).
     - ``trains`` / ``fit_classifier``: methods whose classifier is computed, not trained (simplecil, ranpac) skip
       stage 1 and set the heads from the class statistics or a feature pass.
+    - ``class_covariances``: whether the class statistics include covariances (alignment needs them); a method
+      whose features are very wide and whose classifier reads only the means turns them off (EASE).
     The tensors ``after_stage1`` and ``fit_classifier`` return are kept in each task's stats.safetensors
     (``method.*``) and handed back next task (also after ``--resume``); by default they pass on what they got.
     """
@@ -59,6 +63,11 @@ class Method:
     def start_task(self, model: nn.Module, task: int, cfg: RunConfig) -> None:
         pass
 
+    def before_stage1(self, model: nn.Module, task: int, cfg: RunConfig, inputs: "Stage1Inputs") -> None:
+        """Before stage 1 of a task that trains, after ``start_task``: ``inputs`` as ``after_stage1`` gets them (the
+        task's fixed-draw training views, the state kept from the last task). Changes the model only; must be
+        deterministic, since --resume (also mid-task) runs it again. Default: nothing."""
+
     def recipe(self, model: nn.Module, task: int, cfg: RunConfig) -> TrainingRecipe:
         """The whole backbone at ``lr_backbone`` (0 = frozen, kept in eval mode) and the current head."""
         groups = [{"params": list(model.task_heads[task].parameters()), "lr": cfg.lr_head}]
@@ -66,6 +75,10 @@ class Method:
             groups.insert(0, {"params": list(model.backbone.parameters()), "lr": cfg.lr_backbone})
         frozen = (model.backbone,) if cfg.lr_backbone == 0 else ()
         return recipe_from_config(groups, cfg, frozen_modules=frozen)
+
+    def class_covariances(self, cfg: RunConfig) -> bool:
+        """False: the class statistics hold means only (``chol`` is stored as a (classes, 0, 0) tensor)."""
+        return True
 
     def alignment(self, task_sizes: List[int], cfg: RunConfig) -> AlignmentRecipe:
         """Classifier alignment over the seen classes (``task_sizes``; the last is the current task)."""
@@ -105,9 +118,10 @@ class ClassifierInputs:
 
 @dataclass
 class Stage1Inputs:
-    """What ``Method.after_stage1`` may use: the task's training images under the train transform with fixed draws
-    (``train_views()``: the same images, crops and order under any number of processes), the accelerator, the
-    first label of the task, the state kept from the last task, the run's log and whether to show progress."""
+    """What ``Method.before_stage1`` and ``Method.after_stage1`` may use: the task's training images under the train
+    transform with fixed draws (``train_views()``: the same images, crops and order under any number of processes),
+    the accelerator, the first label of the task, the state kept from the last task, the run's log and whether to
+    show progress."""
 
     train_views: Callable[[], Any]
     accelerator: Any

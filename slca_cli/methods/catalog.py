@@ -134,6 +134,16 @@ def _coda_prompt():
     return CODAPrompt
 
 
+def _ease():
+    from .ease import EASE
+    return EASE
+
+
+def _inflora():
+    from .inflora import InfLoRA
+    return InfLoRA
+
+
 # Spec section 7 (the SLCA paper, Zhang et al., ICCV 2023, Tables 1-2): ViT-B/16 IN21K, 10 tasks, mean of 3 seeds.
 SLCA_PAPER = "the SLCA paper (Zhang et al., ICCV 2023), Tables 1-2"
 # RanPAC paper (McDonnell et al., NeurIPS 2023), Tables 1-2, final accuracy as the authors publish it in
@@ -172,6 +182,17 @@ _APER_VARIANTS = (
 _CODA = dict(prompt_pool=100, prompt_length=8, ortho_weight=0.0, optimizer="adam", lr_backbone=1e-3, lr_head=1e-3,
              weight_decay=0.0, schedule="cosine", min_lr=1e-5, lr_drop_epoch=None, epochs=20, batch_size=128,
              grad_clip=None, fresh_norm=False)
+# InfLoRA (the authors' liangyanshuo/InfLoRA configs/cifar100_inflora.json, mimg10_inflora.json): rank 10 on keys and
+# values, Adam 5e-4 for the up-projections and the head, no weight decay, cosine per task, batch 128, 20 epochs and
+# threshold 0.95 -> 1.0 on CIFAR-100, 50 epochs and 0.98 -> 1.0 on ImageNet-R (and CUB, Cars).
+_INFLORA = dict(lora_rank=10, lora_scale=1.0, inflora_threshold=0.95, inflora_threshold_end=1.0, optimizer="adam",
+                lr_backbone=5e-4, lr_head=5e-4, weight_decay=0.0, schedule="cosine", min_lr=0.0, lr_drop_epoch=None,
+                epochs=20, batch_size=128, grad_clip=None, fresh_norm=False)
+
+# EASE (LAMDA-PILOT exps/ease.json, ease_inr.json): SGD 0.025 (ImageNet-R 0.05), batch 48 (16), weight decay
+# 5e-4 (5e-3), 20 epochs per task, cosine to 0; adapter bottleneck 64, alpha 0.1; the ViT keeps its own norm.
+_EASE = dict(lr_backbone=0.025, lr_head=0.025, optimizer="sgd", schedule="cosine", min_lr=0.0, lr_drop_epoch=None,
+             weight_decay=5e-4, epochs=20, batch_size=48, fresh_norm=False, adapter_bottleneck=64, ease_alpha=0.1)
 
 CATALOG: Tuple[MethodSpec, ...] = (
     MethodSpec("seqft", "Seq FT", "sequential fine-tuning, one learning rate (1e-2) for backbone and head: the "
@@ -223,6 +244,15 @@ CATALOG: Tuple[MethodSpec, ...] = (
     MethodSpec("coda-prompt", "CODA-Prompt", "CODA-Prompt: frozen ViT, prefix prompts assembled from components "
                "weighted by attention to the query, a new slice of components per task", _coda_prompt,
                needs_vit=True, presets=_CODA, dataset_presets={d: dict(epochs=50) for d in _SMALL_DATASETS}),
+    MethodSpec("ease", "EASE", "EASE: frozen ViT, one adapter per task (expandable subspaces), cosine prototypes "
+               "over all subspaces with semantic-guided completion of old classes' prototypes", _ease,
+               needs_vit=True, presets=_EASE,
+               dataset_presets={"imagenet-r": dict(lr_backbone=0.05, lr_head=0.05, batch_size=16,
+                                                   weight_decay=5e-3)}),
+    MethodSpec("inflora", "InfLoRA", "InfLoRA: frozen ViT, a LoRA branch per task on the attention keys and values, "
+               "its down-projection designed orthogonal to the old tasks' input subspace; the up-projection trains, "
+               "then the branch is merged", _inflora, needs_vit=True, presets=_INFLORA,
+               dataset_presets={d: dict(epochs=50, inflora_threshold=0.98) for d in _SMALL_DATASETS}),
 )
 METHODS: Dict[str, MethodSpec] = {spec.name: spec for spec in CATALOG}
 

@@ -1,7 +1,7 @@
 """LoRA written out: a frozen nn.Linear plus a trainable low-rank update ``scale * B @ A``."""
 from __future__ import annotations
 
-from typing import Iterator, List, Tuple
+from typing import Callable, Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -15,14 +15,19 @@ LORA_TARGETS = ("attn.qkv", "mlp.fc1", "mlp.fc2")
 
 class LoRALinear(nn.Module):
     """``y = x (W + scale * B A)^T + b``. ``base`` (W, b) is the pre-trained layer; ``lora_A`` (rank x in)
-    starts truncated-normal (std 0.02) and ``lora_B`` (out x rank) at zero, so the layer starts unchanged."""
+    starts truncated-normal (std 0.02) and ``lora_B`` (out x rank) at zero, so the layer starts unchanged.
+    ``rows`` (start, stop) limits the update to those output rows (``lora_B`` is then (stop - start) x rank):
+    InfLoRA adapts only the key and value thirds of a ViT's qkv layer."""
 
-    def __init__(self, base: nn.Linear, rank: int, scale: float):
+    def __init__(self, base: nn.Linear, rank: int, scale: float, rows: Optional[Tuple[int, int]] = None):
         super().__init__()
         self.base = base
         self.rank, self.scale = rank, scale
+        self.rows = (0, base.out_features) if rows is None else (int(rows[0]), int(rows[1]))
+        if not 0 <= self.rows[0] < self.rows[1] <= base.out_features:
+            raise SlcaError(f"LoRA: output rows {self.rows} are outside the layer's {base.out_features}")
         self.lora_A = nn.Parameter(torch.zeros(rank, base.in_features, device=base.weight.device))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=base.weight.device))
+        self.lora_B = nn.Parameter(torch.zeros(self.rows[1] - self.rows[0], rank, device=base.weight.device))
         nn.init.trunc_normal_(self.lora_A, std=0.02)
 
     @property
@@ -33,8 +38,16 @@ class LoRALinear(nn.Module):
     def out_features(self) -> int:
         return self.base.out_features
 
+    def delta(self) -> torch.Tensor:
+        """``scale * B A`` as a full (out x in) matrix: zero outside ``rows``."""
+        update = self.scale * (self.lora_B @ self.lora_A).to(self.base.weight.dtype)
+        start, stop = self.rows
+        if (start, stop) == (0, self.base.out_features):
+            return update
+        return F.pad(update, (0, 0, start, self.base.out_features - stop))
+
     def merged_weight(self) -> torch.Tensor:
-        return self.base.weight + self.scale * (self.lora_B @ self.lora_A).to(self.base.weight.dtype)
+        return self.base.weight + self.delta()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.merged_weight(), self.base.bias)
@@ -52,8 +65,10 @@ def _get(module: nn.Module, dotted: str) -> Tuple[nn.Module, str, nn.Module]:
     return parent, leaf, getattr(parent, leaf)
 
 
-def inject_lora(vit: nn.Module, rank: int, scale: float, targets=LORA_TARGETS) -> List[LoRALinear]:
-    """Replace each block's ``targets`` (nn.Linear) by a LoRALinear around it; returns the new layers."""
+def inject_lora(vit: nn.Module, rank: int, scale: float, targets=LORA_TARGETS,
+                rows: Optional[Callable[[nn.Linear], Tuple[int, int]]] = None) -> List[LoRALinear]:
+    """Replace each block's ``targets`` (nn.Linear) by a LoRALinear around it; returns the new layers.
+    ``rows(layer)``: the output rows each update may touch (default: all)."""
     blocks = getattr(vit, "blocks", None)
     if blocks is None:
         raise SlcaError("LoRA needs a ViT with transformer blocks (blocks[i].attn.qkv, mlp.fc1, mlp.fc2); use "
@@ -68,7 +83,7 @@ def inject_lora(vit: nn.Module, rank: int, scale: float, targets=LORA_TARGETS) -
                                 f"--lora-rank 0") from None
             if not isinstance(layer, nn.Linear):
                 raise SlcaError(f"LoRA: {target} is a {type(layer).__name__}, not nn.Linear")
-            wrapped = LoRALinear(layer, rank, scale)
+            wrapped = LoRALinear(layer, rank, scale, rows(layer) if rows else None)
             setattr(parent, leaf, wrapped)
             added.append(wrapped)
     return added
