@@ -31,7 +31,8 @@ NOT_PLAIN = {"l2p": "its prompts are chosen per image by a query pass of the ViT
              "ranpac": "its heads read a random projection of the features",
              "coda-prompt": "its prompts are weighted per image by a query pass of the ViT",
              "aper": "its features concatenate two backbones",
-             "ease": "its features concatenate one ViT pass per task's adapter"}
+             "ease": "its features concatenate one ViT pass per task's adapter",
+             "mos": "each image is encoded again with the adapter a first pass retrieves"}
 # Largest |logit difference| accepted between the exported model and slca's, in float32.
 TOLERANCE = 1e-4
 

@@ -70,7 +70,7 @@ def original_source(state: TaskState) -> Dict[str, Any]:
     by_id = dict(zip(state.class_order, class_names_of(state)))
     return {"kind": "dataset", "dataset": cfg.dataset, "data_root": cfg.data_root, "num_classes": cfg.num_classes,
             "class_names": [by_id[c] for c in range(cfg.num_classes)],
-            "train_per_class": cfg.train_per_class, "test_per_class": cfg.test_per_class,
+            "train_per_class": cfg.train_per_class, "test_per_class": cfg.test_per_class, "classes": cfg.classes,
             "skip_bad_images": cfg.skip_bad_images, "tasks": list(range(1, cfg.num_tasks + 1)),
             "file_list_sha256": state.data_fingerprint, "scored": True}
 
@@ -85,7 +85,7 @@ def _load_source(source: Dict[str, Any], style: str, data_root: Optional[str]) -
         root = data_root if data_root is not None else source["data_root"]
         data = load_dataset(source["dataset"], root, source["num_classes"] if source["dataset"] == "synthetic"
                             else None, source["train_per_class"], source["test_per_class"],
-                            bool(source["skip_bad_images"]))
+                            bool(source["skip_bad_images"]), source.get("classes"))
         where = root or source["dataset"]
     else:
         data = image_folder_splits("folder", Path(source["path"]), style, None, None)
@@ -191,6 +191,9 @@ def grown_config(cfg: RunConfig, new_classes: int, execution: Dict[str, Any]) ->
         raise SlcaError(f"--method ease builds one adapter and one feature subspace per task when the run starts "
                         f"({cfg.num_tasks} here), so its heads have no room for another task; an ease run cannot be "
                         f"continued")
+    if cfg.method == "mos":
+        raise SlcaError("--method mos allocates its adapters and class prototypes for the run's tasks when it starts; "
+                        "a mos run cannot be continued (train a new run over all the classes)")
     return cfg.replace(num_classes=cfg.num_classes + new_classes, task_sizes=tuple(cfg.task_sizes) + (new_classes,),
                        weights=None, device_augment=False, **execution)
 

@@ -66,7 +66,9 @@ def fit_task(model: ContinualModel, loader: DataLoader, accelerator, recipe: Tra
                 _check_finite(value, float(total), task, epoch)
                 bar.set_postfix(epoch=epoch + 1, loss=f"{value:.3f}")
         schedule.step()
-        losses.append(float(total) / max(seen, 1))
+        # The mean over every process's images, so the recorded loss does not depend on the process count.
+        summed = sum_across_processes(torch.stack([total, total.new_tensor(float(seen))]), accelerator)
+        losses.append(float(summed[0]) / max(float(summed[1]), 1.0))
         bar.epoch_done(epoch, losses[-1])
         if epoch_checkpoints:
             epoch_checkpoints.epoch_done(epoch, accelerator, model, optimizer, schedule, loader, losses)
@@ -97,9 +99,10 @@ def _check_finite(loss: float, total: float, task: int, epoch: int) -> None:
 
 
 @torch.no_grad()
-def feature_batches(model: ContinualModel, loader, accelerator,
-                    desc: str = "", show_progress: bool = True) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
-    """(features in float32, labels) of this process's shard of ``loader``, eval mode, on the device.
+def feature_batches(model: ContinualModel, loader, accelerator, desc: str = "", show_progress: bool = True,
+                    logits: bool = False) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+    """(features in float32, labels) of this process's shard of ``loader``, eval mode, on the device; with
+    ``logits`` the model's test-time logits instead (``ContinualModel.scores_images``).
 
     The shards of all processes together hold every sample exactly once (``distributed.process_loader``);
     sum per-process results with ``distributed.sum_across_processes``. One process reads everything.
@@ -112,7 +115,7 @@ def feature_batches(model: ContinualModel, loader, accelerator,
         images = finish(images.to(device, non_blocking=True))
         labels = labels.to(device, non_blocking=True)
         with torch.inference_mode(), accelerator.autocast():  # no autograd bookkeeping at all in the forward
-            features = model.features(images).float()
+            features = (model(images) if logits else model.features(images)).float()
         yield features.clone(), labels  # an ordinary tensor again, usable by any caller
 
 
@@ -125,8 +128,10 @@ def evaluate(model: ContinualModel, loader, accelerator, task_sizes: Sequence[in
     device = accelerator.device
     correct = torch.zeros(seen, dtype=torch.long, device=device)
     total = torch.zeros(seen, dtype=torch.long, device=device)
-    for features, labels in feature_batches(model, loader, accelerator, desc, show_progress):
-        predictions = model.logits(features.to(model.task_heads[0].weight.dtype)).argmax(dim=1)
+    own = model.scores_images
+    for features, labels in feature_batches(model, loader, accelerator, desc, show_progress, logits=own):
+        logits = features if own else model.logits(features.to(model.task_heads[0].weight.dtype))
+        predictions = logits.argmax(dim=1)
         labels = labels.long()
         total += torch.bincount(labels, minlength=seen)
         correct += torch.bincount(labels[predictions == labels], minlength=seen)

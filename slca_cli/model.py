@@ -51,7 +51,15 @@ class ContinualModel(nn.Module):
             return self.task_heads[head](features)
         return torch.cat([h(features) for h in self.task_heads], dim=1)
 
+    @property
+    def scores_images(self) -> bool:
+        """Whether the backbone classifies test images itself (``backbone.test_logits(images, model)``: MOS encodes
+        each image again with the adapter it retrieves) instead of the heads reading one feature vector."""
+        return callable(getattr(self.backbone, "test_logits", None))
+
     def forward(self, images: torch.Tensor, head: Optional[int] = None) -> torch.Tensor:
+        if head is None and not self.training and self.scores_images:
+            return self.backbone.test_logits(images, self)
         return self.logits(self.features(images), head)
 
     def head_state(self) -> Dict[str, torch.Tensor]:

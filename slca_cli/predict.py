@@ -168,7 +168,8 @@ def predict_images(task_dir: Path, inputs: Sequence[Path], *, top_k: int = 5, de
     tasks = (task_of_class(state.seen_sizes) + 1).tolist()  # 1-based task that introduced each output
     k = min(top_k, len(tasks))
     results: List[Prediction] = [Prediction(str(p)) for p in inputs]
-    for features, labels in feature_batches(model, loader, accelerator, "predict", show_progress):
+    for features, labels in feature_batches(model, loader, accelerator, "predict", show_progress,
+                                            logits=model.scores_images):
         probabilities, positions = class_probabilities(model, features).topk(k, dim=1)
         for index, probs, tops in zip(labels.tolist(), probabilities.cpu().tolist(), positions.cpu().tolist()):
             if index < 0:
@@ -185,8 +186,9 @@ def predict_images(task_dir: Path, inputs: Sequence[Path], *, top_k: int = 5, de
 
 
 def class_probabilities(model: ContinualModel, features: torch.Tensor) -> torch.Tensor:
-    """Softmax over all seen classes of the logits `slca eval` takes its argmax of (same dtype, same heads)."""
-    logits = model.logits(features.to(model.task_heads[0].weight.dtype))
+    """Softmax over all seen classes of the logits `slca eval` takes its argmax of (same dtype, same heads; the
+    features are those logits already when the backbone scores images itself)."""
+    logits = features if model.scores_images else model.logits(features.to(model.task_heads[0].weight.dtype))
     return torch.softmax(logits.float(), dim=1)
 
 

@@ -132,6 +132,9 @@ class RunConfig:
                                             bounds=dict(min=1))
     test_per_class: Optional[int] = option(DATA, "Use at most this many test images per class.", default=None,
                                            bounds=dict(min=1))
+    classes: Optional[str] = option(DATA, "Train on these class ids of the dataset only (its own ids, 0-based in its "
+                                    "class order), e.g. 50-99 or 0-9,20; they become classes 0..N-1 of the run in "
+                                    "id order. Default: every class.", default=None)  # data/subset.py
     freeze_bn: bool = option(BACKBONE, "BatchNorm backbones: keep the pre-trained running statistics (default) or "
                              "update them.", "--freeze-bn/--update-bn", default=True)
     optimizer: str = option(STAGE1, f"{' or '.join(CHOICES['optimizer'])}.", default="sgd")
@@ -191,10 +194,20 @@ class RunConfig:
                                           "tasks (the authors' 1.0).", default=1.0, bounds=dict(above=0.0, max=1.0))
     ortho_weight: float = option(METHOD, "coda-prompt: weight of the orthogonality penalty on keys, attention vectors "
                                  "and prompts (paper: 0).", default=0.0, bounds=dict(min=0.0))
-    adapter_bottleneck: int = option(METHOD, "ease, aper --aper-variant adapter: width of each AdaptFormer adapter's "
-                                     "bottleneck (the authors' ffn_num: 64).", default=64, bounds=dict(min=1))
+    adapter_bottleneck: int = option(METHOD, "ease, mos, aper --aper-variant adapter: width of each AdaptFormer "
+                                     "adapter's bottleneck (the authors' ffn_num: ease 64, mos 16, aper 64).",
+                                     default=64, bounds=dict(min=1))
     ease_alpha: float = option(METHOD, "ease: weight of the other tasks' subspaces in a class's score, divided by the "
                                "tasks so far minus one (the authors' alpha: 0.1).", default=0.1, bounds=dict(min=0.0))
+    mos_merge: float = option(METHOD, "mos: after every step the task's adapter becomes (1 - m) itself + m the mean "
+                              "of the earlier tasks' adapters (the authors' adapter_momentum: 0.1; 0 = off).",
+                              default=0.1, bounds=dict(min=0.0, max=1.0))
+    mos_reg: float = option(METHOD, "mos: weight of the authors' loss that keeps a batch's features apart from each "
+                            "other and from the old class means (reg: 0.1; 0 = off).", default=0.1,
+                            bounds=dict(min=0.0))
+    mos_ensemble: bool = option(METHOD, "mos: at test time add the first pass's probabilities to the retrieved "
+                                "adapter's (the authors' ensemble: on).", "--mos-ensemble/--no-mos-ensemble",
+                                default=True)
     # Where the inputs are (the data's file-list checksum and the weights' sha256 are checked separately).
     data_root: Optional[str] = option(DATA, "Where the dataset lives (see `slca datasets`).", default=None,
                                       execution=True)

@@ -122,7 +122,10 @@ def method_label(config: Dict[str, Any]) -> str:
         if not align:
             return f"{label} (no CA)"
         label = label + alignment_suffix(config)
-        return label if logit_norm or config.get("align_mode") == "closed-form" else f"{label} (no LN)"
+        preset = spec.preset(config.get("dataset", "")).get("logit_norm", True)  # MOS aligns without it
+        if logit_norm == preset or config.get("align_mode") == "closed-form":
+            return label
+        return f"{label} (no LN)" if not logit_norm else f"{label} (+LN)"
     if align and method != "joint":
         return f"{label}+CA+LN" if logit_norm else f"{label}+CA"
     return label

@@ -9,6 +9,7 @@ import torch
 from .backbones import BackboneSpec, get_backbone
 
 from .data import DatasetSplits, attach_transforms, load_dataset
+from .data.subset import canonical_classes
 from .errors import SlcaError
 from .methods import get_method
 from .presets import RunConfig, resolve_config, task_split_request
@@ -17,8 +18,10 @@ from .protocol import resolve_task_sizes
 
 def load_data_for(cfg: RunConfig, data_root: Optional[str]) -> DatasetSplits:
     """The dataset of a resolved run, with its transforms (``data_root``: where it is now)."""
-    data = load_dataset(cfg.dataset, data_root, cfg.num_classes if cfg.dataset == "synthetic" else None,
-                        cfg.train_per_class, cfg.test_per_class, cfg.skip_bad_images)
+    # Generated data with --classes: generated up to the largest id (num_classes is then the run's N).
+    generated = cfg.num_classes if cfg.dataset == "synthetic" and cfg.classes is None else None
+    data = load_dataset(cfg.dataset, data_root, generated, cfg.train_per_class, cfg.test_per_class,
+                        cfg.skip_bad_images, cfg.classes)
     attach_transforms(data, cfg.image_size, cfg.mean, cfg.std)
     return data
 
@@ -28,12 +31,14 @@ def resolve_run(dataset: str, backbone: str, method: str, flags: Dict[str, Any])
     spec = get_backbone(backbone)
     flags = dict(flags)
     num_classes = flags.pop("num_classes", None)
+    if flags.get("classes") is not None:  # one spelling per set of classes: part of the run's identity
+        flags["classes"] = canonical_classes(flags["classes"])
     split = task_split_request(dataset, flags.pop("tasks", None), flags.pop("init_classes", None),
                                flags.pop("increment", None))
     from .data.prepare import fetch_if_absent
     fetch_if_absent(dataset, flags.get("data_root"))
     data = load_dataset(dataset, flags.get("data_root"), num_classes, flags.get("train_per_class"),
-                        flags.get("test_per_class"), bool(flags.get("skip_bad_images")))
+                        flags.get("test_per_class"), bool(flags.get("skip_bad_images")), flags.get("classes"))
     policy = get_method(method)
     sizes = policy.task_sizes(resolve_task_sizes(data.num_classes, *split), data.num_classes)
     cfg = resolve_config(dataset, spec.name, method, backbone_family=spec.family,

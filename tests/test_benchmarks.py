@@ -80,3 +80,36 @@ def test_small_vit_pretraining_smoke_writes_weights_vit_tiny_test_loads_and_cach
     loaded, fresh = _tiny(str(weights)), _tiny()  # what `--backbone vit-tiny-test --weights FILE` builds
     assert not torch.equal(loaded.blocks[0].attn.qkv.weight, fresh.blocks[0].attn.qkv.weight)
     assert run_script("pretrain_small_vit.py", "--smoke", "--cache-dir", tmp_path).startswith("cached: ")
+
+
+def test_vit_methods_table_smoke_runs_methods_through_the_cli_and_merges(tmp_path):
+    """benchmarks/vit_methods_table.py --smoke: each method a real `slca train --classes` run, the JSON written
+    after every method, a later --methods call merged into it; a change of settings starts a new table."""
+    sys.path.insert(0, str(REPO))
+    from benchmarks.vit_methods_table import NOT_IN_TABLE, PROBE, load_previous, table_methods
+    from slca_cli.methods.catalog import method_names
+    assert set(table_methods()) == set(method_names()) - set(NOT_IN_TABLE)
+    assert {"l2p", "dualprompt", "slca", "slca++", "simplecil", "ranpac", "cofima", "aper"} <= set(table_methods())
+    from benchmarks.pretrain_small_vit import build_model
+    from safetensors.torch import save_file
+    import torch
+    torch.manual_seed(0)
+    weights = tmp_path / "w.safetensors"  # a random backbone in the pre-training script's format
+    save_file({k: v.contiguous() for k, v in build_model(4).state_dict().items() if not k.startswith("head.")},
+              str(weights))
+    out = tmp_path / "table.json"
+    common = ["--smoke", "--weights", weights, "--runs", tmp_path / "runs", "--out", out]
+    stdout = run_script("vit_methods_table.py", *common, "--methods", "simplecil", PROBE)
+    first = json.loads(out.read_text())
+    assert set(first["methods"]) == {"simplecil", PROBE} and first["settings"]["epochs"] == 1
+    assert all(r["status"] == "ok" and r["commit"] and r["finished"] for r in first["methods"].values())
+    assert first["methods"][PROBE]["inc_acc"] is None and 0 <= first["methods"][PROBE]["last_acc"] <= 100
+    config = json.loads((tmp_path / "runs" / "simplecil" / "seed-1993" / "config.json").read_text())
+    assert config["config"]["classes"] == "4-7" and config["class_names"][0].startswith("class_00")
+    assert "| SimpleCIL |" in stdout and "| method | Last-Acc | Inc-Acc | forgetting |" in stdout
+    run_script("vit_methods_table.py", *common, "--methods", "l2p")
+    merged = json.loads(out.read_text())["methods"]
+    assert set(merged) == {"simplecil", PROBE, "l2p"} and merged["simplecil"] == first["methods"]["simplecil"]
+    assert merged["l2p"]["status"] == "ok" and len(merged["l2p"]["task_accuracy"]) == 2
+    other = dict(json.loads(out.read_text())["settings"], seed=1996)
+    assert load_previous(out, other) == {} and not out.exists() and out.with_suffix(".previous.json").is_file()

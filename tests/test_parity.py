@@ -83,13 +83,18 @@ def single(tree, tmp_path_factory):
 
 def assert_same_run(one, two, rtol=1e-4, atol=1e-5):
     """What two process counts must agree on: class order, task sizes, data checksum and test totals exactly,
-    every stored statistic (means, factors, drift maps, method state) to the tolerance, and the correct counts
+    the recorded training loss and every stored statistic (means, factors, drift maps, method state) to the tolerance, and the correct counts
     within the near-tie tolerance `slca eval` states for runs whose arithmetic differs."""
     a, b = read_json(one / "config.json"), read_json(two / "config.json")
     for key in ("class_order", "task_sizes", "data_fingerprint"):
         assert a[key] == b[key], key
-    counts_one, counts_two = read_json(one / "metrics.json")["counts"], read_json(two / "metrics.json")["counts"]
+    metrics_one, metrics_two = read_json(one / "metrics.json"), read_json(two / "metrics.json")
+    counts_one, counts_two = metrics_one["counts"], metrics_two["counts"]
     assert [c["total"] for c in counts_one] == [c["total"] for c in counts_two]
+    # The recorded loss is the mean over all processes' images, not the main process's shard.
+    assert [len(t) for t in metrics_one["train_loss"]] == [len(t) for t in metrics_two["train_loss"]]
+    for x, y in zip(metrics_one["train_loss"], metrics_two["train_loss"]):
+        assert y == pytest.approx(x, rel=rtol, abs=atol)
     for x, y in zip(counts_one, counts_two):
         differing = sum(abs(i - j) for i, j in zip(x["correct"], y["correct"]))
         assert differing <= near_tie_tolerance(sum(x["total"]), exact=False), (x, y)

@@ -19,7 +19,8 @@ BASE = ["--tasks", 2, "--epochs", 1, "--num-classes", 4, "--train-per-class", 4,
 # fields declared without presets.option (train's options are generated from the declarations, cli.train_signature).
 WITHOUT_FLAG = {f.name for f in dataclasses.fields(RunConfig) if "panel" not in f.metadata} & set(IDENTITY_FIELDS)
 HINTS = typing.get_type_hints(RunConfig)
-OTHER_VALUE = {"dataset": "digits", "backbone": "efficientnet-lite0-in1k", "method": "sl", "num_classes": 6}
+OTHER_VALUE = {"dataset": "digits", "backbone": "efficientnet-lite0-in1k", "method": "sl", "num_classes": 6,
+               "classes": "0-2", "inflora_threshold": 0.5, "inflora_threshold_end": 0.5}  # their bound is 1
 
 
 def train_options():

@@ -13,6 +13,7 @@ from .cifar100 import LAYOUT as CIFAR100_LAYOUT
 from .cifar100 import cifar100_splits
 from .digits import digits_splits
 from .screening import drop_unreadable
+from .subset import check_classes, parse_classes, select_classes
 from .synthetic import NATIVE_SIZE, synthetic_splits
 from .transforms import build_tensor_transforms, build_transforms
 
@@ -98,9 +99,11 @@ def default_data_root(name: str) -> Path:
 
 def load_dataset(name: str, data_root: Optional[str], num_classes: Optional[int] = None,
                  train_per_class: Optional[int] = None, test_per_class: Optional[int] = None,
-                 skip_bad_images: bool = False) -> DatasetSplits:
+                 skip_bad_images: bool = False, classes: Optional[str] = None) -> DatasetSplits:
     """The dataset's splits; with ``skip_bad_images`` every image is decoded first and unreadable ones are left
-    out (and listed in ``records``), so no label ever shifts."""
+    out (and listed in ``records``), so no label ever shifts; ``classes`` (--classes, e.g. "50-99"): those class
+    ids only, renumbered 0..N-1 (subset.py). Generated data (synthetic) without --num-classes is generated up to
+    the largest id given (a class's images do not depend on how many classes are generated)."""
     if name not in DATASETS:
         raise SlcaError(f"unknown dataset '{name}'; known: {', '.join(DATASETS)} (see `slca datasets`)")
     info = DATASETS[name]
@@ -108,6 +111,9 @@ def load_dataset(name: str, data_root: Optional[str], num_classes: Optional[int]
         raise SlcaError(f"--num-classes applies to --dataset synthetic only; {name} has its classes on disk")
     if num_classes is not None and num_classes < 1:
         raise SlcaError(f"--num-classes must be at least 1, got {num_classes}")
+    ids = parse_classes(classes) if classes is not None else None
+    if ids is not None and name == "synthetic" and num_classes is None:
+        num_classes = ids[-1] + 1
     root = None
     if info.needs_root:
         if data_root is None and name == "folder":
@@ -116,7 +122,10 @@ def load_dataset(name: str, data_root: Optional[str], num_classes: Optional[int]
         if data_root and not root.exists():
             raise SlcaError(f"--data-root {data_root} does not exist; expected {info.layout}")
     data = info.loader(root, num_classes, train_per_class, test_per_class)
-    return drop_unreadable(data) if skip_bad_images else data
+    if ids is not None:
+        check_classes(ids, data.num_classes, name)  # before screening decodes every image
+    data = drop_unreadable(data) if skip_bad_images else data
+    return select_classes(data, ids) if ids is not None else data
 
 
 def attach_transforms(data: DatasetSplits, image_size: int, mean, std) -> None:

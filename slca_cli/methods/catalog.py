@@ -144,6 +144,11 @@ def _inflora():
     return InfLoRA
 
 
+def _mos():
+    from .mos import MOS
+    return MOS
+
+
 # Spec section 7 (the SLCA paper, Zhang et al., ICCV 2023, Tables 1-2): ViT-B/16 IN21K, 10 tasks, mean of 3 seeds.
 SLCA_PAPER = "the SLCA paper (Zhang et al., ICCV 2023), Tables 1-2"
 # RanPAC paper (McDonnell et al., NeurIPS 2023), Tables 1-2, final accuracy as the authors publish it in
@@ -188,6 +193,14 @@ _CODA = dict(prompt_pool=100, prompt_length=8, ortho_weight=0.0, optimizer="adam
 _INFLORA = dict(lora_rank=10, lora_scale=1.0, inflora_threshold=0.95, inflora_threshold_end=1.0, optimizer="adam",
                 lr_backbone=5e-4, lr_head=5e-4, weight_decay=0.0, schedule="cosine", min_lr=0.0, lr_drop_epoch=None,
                 epochs=20, batch_size=128, grad_clip=None, fresh_norm=False)
+# MOS (LAMDA-PILOT exps/mos.json; ImageNet-R: mos_inr.json): adapters at 0.03, head at 0.1 x that, SGD, cosine to 0,
+# 20 epochs, batch 48; alignment 30 epochs at 0.005 with 5 x batch samples per class, one class's worth per step.
+_MOS = dict(adapter_bottleneck=16, mos_merge=0.1, mos_reg=0.1, mos_ensemble=True, optimizer="sgd",
+            lr_backbone=0.03, lr_head=0.003, weight_decay=5e-4, schedule="cosine", min_lr=0.0, lr_drop_epoch=None,
+            epochs=20, batch_size=48, grad_clip=None, fresh_norm=False, ca_epochs=30, ca_lr=0.005, ca_samples=240,
+            ca_batch_size=240, logit_norm=False, mean_scaling="off", restore_stage1_heads=False)
+_MOS_INR = dict(epochs=10, lr_backbone=0.05, lr_head=0.005, batch_size=16, weight_decay=0.005, ca_samples=80,
+                ca_batch_size=80)
 
 # EASE (LAMDA-PILOT exps/ease.json, ease_inr.json): SGD 0.025 (ImageNet-R 0.05), batch 48 (16), weight decay
 # 5e-4 (5e-3), 20 epochs per task, cosine to 0; adapter bottleneck 64, alpha 0.1; the ViT keeps its own norm.
@@ -253,6 +266,9 @@ CATALOG: Tuple[MethodSpec, ...] = (
                "its down-projection designed orthogonal to the old tasks' input subspace; the up-projection trains, "
                "then the branch is merged", _inflora, needs_vit=True, presets=_INFLORA,
                dataset_presets={d: dict(epochs=50, inflora_threshold=0.98) for d in _SMALL_DATASETS}),
+    MethodSpec("mos", "MOS", "MOS: frozen ViT, an adapter per task merged with the earlier ones, SLCA's alignment; "
+               "at test time a first pass retrieves each image's adapter, refined by the heads", _mos, aligns=True,
+               needs_vit=True, presets=_MOS, dataset_presets={"imagenet-r": _MOS_INR}),
 )
 METHODS: Dict[str, MethodSpec] = {spec.name: spec for spec in CATALOG}
 
