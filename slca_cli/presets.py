@@ -40,6 +40,7 @@ CHOICES: Dict[str, Tuple[str, ...]] = {
     "covariance": ("ridge", "shrinkage"),
     "align_mode": ("sampled", "closed-form"),
     "drift_compensation": ("off", "linear"),
+    "aper_variant": ("finetune", "adapter", "ssf", "vpt"),
 }
 
 
@@ -154,7 +155,8 @@ class RunConfig:
     sample_shrink: float = option(METHOD, "slca++: mean s of the old-class sample shrinking 1/(1 + s (T - t)) in "
                                   "alignment (0 = off).", default=0.0, bounds=dict(min=0.0))
     prompt_pool: int = option(METHOD, "l2p/dualprompt: prompts (and keys) in the pool.", default=10, bounds=dict(min=1))
-    prompt_length: int = option(METHOD, "l2p: tokens per prompt; dualprompt: E-prompt length.", default=5,
+    prompt_length: int = option(METHOD, "l2p: tokens per prompt; dualprompt: E-prompt length; aper --aper-variant "
+                                "vpt: prompt tokens per block.", default=5,
                                 bounds=dict(min=1))
     prompt_top_k: int = option(METHOD, "l2p: prompts chosen per image.", default=5, bounds=dict(min=1))
     g_prompt_length: int = option(METHOD, "dualprompt: G-prompt length.", default=5, bounds=dict(min=1))
@@ -181,6 +183,10 @@ class RunConfig:
                                  bounds=dict(above=0.0, max=1.0))
     fisher_max: float = option(METHOD, "cofima: clamp of every diagonal Fisher entry (the authors' 1e-4).",
                                default=1e-4, bounds=dict(above=0.0))
+    aper_variant: str = option(METHOD, "aper: what adapts on the first task: finetune (the whole backbone), adapter "
+                               "(an AdaptFormer adapter of --adapter-bottleneck width per block), ssf (a scale and "
+                               "shift after each layer) or vpt (deep prompts, --prompt-length per block); the rest "
+                               "stays frozen.", default="finetune")
     inflora_threshold: float = option(METHOD, "inflora: share of the input energy the old tasks' subspace keeps "
                                       "after the first task (CIFAR-100: 0.95, ImageNet-R: 0.98).", default=0.95,
                                       bounds=dict(above=0.0, max=1.0))
@@ -188,8 +194,9 @@ class RunConfig:
                                           "tasks (the authors' 1.0).", default=1.0, bounds=dict(above=0.0, max=1.0))
     ortho_weight: float = option(METHOD, "coda-prompt: weight of the orthogonality penalty on keys, attention vectors "
                                  "and prompts (paper: 0).", default=0.0, bounds=dict(min=0.0))
-    adapter_bottleneck: int = option(METHOD, "ease, mos: width of each AdaptFormer adapter's bottleneck (the "
-                                     "authors' ffn_num: ease 64, mos 16).", default=64, bounds=dict(min=1))
+    adapter_bottleneck: int = option(METHOD, "ease, mos, aper --aper-variant adapter: width of each AdaptFormer "
+                                     "adapter's bottleneck (the authors' ffn_num: ease 64, mos 16, aper 64).",
+                                     default=64, bounds=dict(min=1))
     ease_alpha: float = option(METHOD, "ease: weight of the other tasks' subspaces in a class's score, divided by the "
                                "tasks so far minus one (the authors' alpha: 0.1).", default=0.1, bounds=dict(min=0.0))
     mos_merge: float = option(METHOD, "mos: after every step the task's adapter becomes (1 - m) itself + m the mean "
@@ -287,7 +294,7 @@ def resolve_config(dataset: str, backbone: str, method: str, *, backbone_family:
                   task_sizes=tuple(task_sizes), epochs=epochs, lr_drop_epoch=drop, tau=ds["tau"],
                   image_size=backbone_image_size, mean=tuple(ds["mean"] or backbone_mean),
                   std=tuple(ds["std"] or backbone_std))
-    values.update(spec.preset(dataset))
+    values.update(spec.preset(dataset, given))
     unknown = set(given) - set(values)
     if unknown:
         raise SlcaError(f"unknown setting(s) {sorted(unknown)}")

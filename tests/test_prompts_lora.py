@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
+from slca_cli.errors import SlcaError
 from slca_cli.methods import prompts as P
 from slca_cli.methods.lora import LoRALinear, inject_lora, lora_layers
 from slca_cli.methods.losses import reverse_cross_entropy, symmetric_cross_entropy
@@ -152,6 +153,12 @@ def test_inject_lora_wraps_qkv_fc1_fc2_of_every_block():
     assert len(layers) == 9 and len(list(lora_layers(vit))) == 9
     assert isinstance(vit.blocks[2].attn.qkv, LoRALinear) and isinstance(vit.blocks[0].mlp.fc2, LoRALinear)
     torch.testing.assert_close(vit(images), before)
+
+
+def test_a_lora_rank_above_the_layer_width_is_refused():
+    with pytest.raises(SlcaError, match=r"--lora-rank 33 is above the 32 inputs"):
+        inject_lora(tiny_vit(), rank=33, scale=0.8)
+    assert len(inject_lora(tiny_vit(), rank=32, scale=0.8)) == 6
 
 
 def test_symmetric_cross_entropy_matches_numpy():

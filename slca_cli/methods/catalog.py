@@ -22,11 +22,16 @@ class Published:
 
 @dataclass(frozen=True)
 class Variant:
-    """Runs with the RunConfig flag ``flag`` set: reported as ``label + suffix``, with their own paper numbers."""
+    """Runs whose RunConfig setting ``flag`` is ``value`` (True: a switch that is on): reported as ``label +
+    suffix``, with their own paper numbers and their own presets (on top of the method's, for every dataset, then
+    ``dataset_presets[dataset]``)."""
 
     flag: str
     suffix: str
     paper: Mapping[str, Published] = field(default_factory=dict)
+    value: Any = True
+    presets: Mapping[str, Any] = field(default_factory=dict)
+    dataset_presets: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -54,13 +59,18 @@ class MethodSpec:
     source: str = ""
     variants: Tuple[Variant, ...] = ()
 
-    def preset(self, dataset: str) -> Dict[str, Any]:
-        """This method's settings on ``dataset``, on top of RunConfig's defaults."""
-        return {"align": self.aligns, **self.presets, **self.dataset_presets.get(dataset, {})}
+    def preset(self, dataset: str, flags: Mapping[str, Any] = {}) -> Dict[str, Any]:
+        """This method's settings on ``dataset``, on top of RunConfig's defaults; then those of the variant that
+        ``flags`` (the settings given on the command line) or these presets select."""
+        values = {"align": self.aligns, **self.presets, **self.dataset_presets.get(dataset, {})}
+        variant = self.variant_of({**values, **flags})
+        if variant is not None:
+            values.update({**variant.presets, **variant.dataset_presets.get(dataset, {})})
+        return values
 
     def variant_of(self, config: Mapping[str, Any]) -> Optional[Variant]:
         """The label variant a stored config selects, if any."""
-        return next((v for v in self.variants if config.get(v.flag)), None)
+        return next((v for v in self.variants if v.flag in config and config[v.flag] == v.value), None)
 
     def published(self, dataset: str, label: str) -> Optional[Published]:
         """The paper's numbers for a report row named ``label`` (the plain label or a variant's) on ``dataset``."""
@@ -157,9 +167,22 @@ _SLCAPP_HALF_SCE = dict(sce_a=0.5, sce_b=0.5, weight_decay=0.0)
 # The methods later papers compare against (CONTRIBUTING.md, "Methods", has every default's source).
 COFIMA_PAPER = ("the CoFiMA paper (Marouf et al., ECCV 2024), Last-Acc of ViT-B/16 IN21K, mean of 3 seeds as in the "
                 "authors' logs")
-# APER's fine-tuning variant (LAMDA-PILOT exps/aper_finetune.json; ImageNet-R: aper_finetune_inr.json).
-_APER = dict(lr_backbone=0.01, lr_head=0.01, schedule="cosine", min_lr=0.0, lr_drop_epoch=None, weight_decay=0.05,
-             epochs=6, batch_size=128, fresh_norm=False)
+# APER (LAMDA-PILOT exps/aper_*.json, CONTRIBUTING.md): SGD with a cosine schedule to 0 on the first task, one lr for
+# what adapts and the cosine head; each variant's epochs, batch, lr and weight decay from its own config (ImageNet-R:
+# its _inr config; CUB and Cars get CIFAR-100's). aper_aperpter*.json is the adapter variant's (sic).
+_APER = dict(aper_variant="finetune", schedule="cosine", min_lr=0.0, lr_drop_epoch=None, fresh_norm=False)
+_APER_PEFT = dict(epochs=20, batch_size=48, lr_backbone=0.01, lr_head=0.01, weight_decay=5e-4)
+_APER_VARIANTS = (
+    Variant("aper_variant", " (finetune)", value="finetune",
+            presets=dict(epochs=6, batch_size=128, lr_backbone=0.01, lr_head=0.01, weight_decay=0.05),
+            dataset_presets={"imagenet-r": dict(epochs=5, batch_size=144, weight_decay=0.005)}),
+    Variant("aper_variant", " (adapter)", value="adapter", presets=dict(_APER_PEFT, adapter_bottleneck=64),
+            dataset_presets={"imagenet-r": dict(epochs=10, batch_size=16, lr_backbone=0.05, lr_head=0.05,
+                                                weight_decay=0.005)}),
+    Variant("aper_variant", " (ssf)", value="ssf", presets=_APER_PEFT),
+    Variant("aper_variant", " (vpt)", value="vpt", presets=dict(_APER_PEFT, prompt_length=5),
+            dataset_presets={"imagenet-r": dict(batch_size=24, lr_backbone=0.05, lr_head=0.05, prompt_length=30)}),
+)
 # CODA-Prompt (LAMDA-PILOT exps/coda_prompt.json, coda_prompt_inr.json): pool 100, length 8, Adam 1e-3, cosine.
 _CODA = dict(prompt_pool=100, prompt_length=8, ortho_weight=0.0, optimizer="adam", lr_backbone=1e-3, lr_head=1e-3,
              weight_decay=0.0, schedule="cosine", min_lr=1e-5, lr_drop_epoch=None, epochs=20, batch_size=128,
@@ -228,9 +251,9 @@ CATALOG: Tuple[MethodSpec, ...] = (
                presets=dict(cofima_alpha=0.4),
                dataset_presets={d: dict(cofima_alpha=0.5) for d in ("cub200", "cars196")},
                paper=_on(92.01, 79.48, 87.02, 72.46), source=COFIMA_PAPER),
-    MethodSpec("aper", "APER (finetune)", "APER/ADAM: the backbone fine-tuned on the first task only, then cosine "
-               "prototypes of [pre-trained, adapted] features", _aper, presets=_APER,
-               dataset_presets={"imagenet-r": dict(epochs=5, batch_size=144, weight_decay=0.005)}),
+    MethodSpec("aper", "APER", "APER/ADAM: the backbone adapted on the first task only (--aper-variant: finetune, "
+               "adapter, ssf or vpt), then cosine prototypes of [pre-trained, adapted] features", _aper, presets=_APER,
+               variants=_APER_VARIANTS),
     MethodSpec("coda-prompt", "CODA-Prompt", "CODA-Prompt: frozen ViT, prefix prompts assembled from components "
                "weighted by attention to the query, a new slice of components per task", _coda_prompt,
                needs_vit=True, presets=_CODA, dataset_presets={d: dict(epochs=50) for d in _SMALL_DATASETS}),

@@ -83,6 +83,9 @@ def inject_lora(vit: nn.Module, rank: int, scale: float, targets=LORA_TARGETS,
                                 f"--lora-rank 0") from None
             if not isinstance(layer, nn.Linear):
                 raise SlcaError(f"LoRA: {target} is a {type(layer).__name__}, not nn.Linear")
+            if rank > layer.in_features:
+                raise SlcaError(f"--lora-rank {rank} is above the {layer.in_features} inputs of the blocks' {target}: "
+                                f"a LoRA rank is at most its layer's input width (the papers use 4-10)")
             wrapped = LoRALinear(layer, rank, scale, rows(layer) if rows else None)
             setattr(parent, leaf, wrapped)
             added.append(wrapped)
