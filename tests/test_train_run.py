@@ -102,11 +102,11 @@ def test_alignment_beats_the_slow_learner_alone_under_task_recency_bias(tmp_path
     on sampled features of all seen classes must fix it. Fails if alignment is a no-op."""
     results = {}
     for method in ("sl", "slca"):
-        code, _, stderr = cli("train", *TINY, "--method", method, "--tasks", 4, "--epochs", 2,
-                              "--num-classes", 20, "--out", tmp_path / method)
+        code, _, stderr = cli("train", *TINY, "--method", method, "--tasks", 4, "--epochs", 2, "--num-classes", 20,
+                              "--train-per-class", 16, "--test-per-class", 10, "--out", tmp_path / method)
         assert code == 0, stderr
         results[method] = read_json(tmp_path / method / "seed-1993" / "metrics.json")
-    assert results["slca"]["last_acc"] > results["sl"]["last_acc"] + 20
+    assert results["slca"]["last_acc"] > results["sl"]["last_acc"] + 20  # measured: 85.5 vs 18.5
     assert results["slca"]["task_accuracy"][0] == results["sl"]["task_accuracy"][0]  # task 1 has no alignment
     sl_heads = load_file(str(tmp_path / "sl" / "seed-1993" / "task-04" / "model.safetensors"))
     ca_heads = load_file(str(tmp_path / "slca" / "seed-1993" / "task-04" / "model.safetensors"))
