@@ -13,8 +13,8 @@ the comparison is at an equal, small training budget, and the JSON and README sa
 method's own preset. The ceiling: a logistic-regression probe (`slca probe`) on the frozen pre-trained features of
 all 50 classes' training images (a one-task SimpleCIL run, whose backbone is the pre-trained one untouched).
 
-    python benchmarks/pretrain_small_vit.py                  # once: about an hour, cached
-    python benchmarks/vit_methods_table.py                   # the table: about an hour on 2 cores
+    python benchmarks/pretrain_small_vit.py                  # once: 17-25 min, cached
+    python benchmarks/vit_methods_table.py                   # the table: about 45 min on 2 cores
     python benchmarks/vit_methods_table.py --methods ease    # add or redo one method; the others are kept
 
 benchmarks/results/vit_methods_table-cpu.json is rewritten after every method (a crash keeps what finished); a
@@ -242,7 +242,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parse(argv)
     if args.weights and not Path(args.weights).is_file():
         print(f"error: no pre-trained weights at {args.weights}; run `python benchmarks/pretrain_small_vit.py` "
-              f"first (about an hour) or pass --weights FILE", file=sys.stderr)
+              f"first (17-25 min) or pass --weights FILE", file=sys.stderr)
         return 2
     if not args.smoke and not Path(args.data_root).exists():
         print(f"error: {args.data_root} does not exist; pass --data-root (CIFAR-100 PNGs, folder or .tar.gz)",
