@@ -239,7 +239,8 @@ def eval_checkpoint(
     if as_json:
         typer.echo(json.dumps(result, indent=2))
         return
-    row = "  ".join(f"T{j + 1} {acc:.2f}" for j, acc in enumerate(result["accuracy_row"]))
+    cells = ("-" if acc is None else f"{acc:.2f}" for acc in result["accuracy_row"])  # -: no test images
+    row = "  ".join(f"T{j + 1} {cell}" for j, cell in enumerate(cells))
     typer.echo(f"{path} (after task {result['task']})")
     typer.echo(f"per task: {row}")
     status = "matches" if result["matches_stored"] else "DIFFERS from"

@@ -131,8 +131,13 @@ def test_old_classes_without_their_test_images_say_what_was_scored(digit_folders
     state = read_json(tmp_path / "more" / "seed-1993" / "task-03" / "state.json")
     assert state["counts"][-1]["total"] == [0, 0, 8]
     assert [s["scored"] for s in state["sources"]] == [False, True]
+    metrics = read_json(tmp_path / "more" / "seed-1993" / "metrics.json")
+    assert metrics["accuracy_matrix"][2][:2] == [None, None] and metrics["old_accuracy"][2] is None  # not 0 %
+    assert "old" not in stdout.strip().splitlines()[-3]  # the task line says "new ..." only
     code, stdout, stderr = cli("eval", tmp_path / "more" / "seed-1993" / "task-03", "--json", "--no-progress")
     assert code == 0 and json.loads(stdout)["matches_stored"], stderr
+    code, stdout, stderr = cli("eval", tmp_path / "more" / "seed-1993" / "task-03", "--no-progress")
+    assert code == 0 and "per task: T1 -  T2 -  T3 " in stdout, (stdout, stderr)
 
 
 def test_runs_that_cannot_grow_say_why(finished_run, digit_folders, tmp_path, cli):

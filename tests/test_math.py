@@ -83,3 +83,14 @@ def test_metrics_summary():
     assert abs(m["forgetting"] - 30.0) < 1e-9
     assert m["old_accuracy"] == [None, 60.0] and m["new_accuracy"] == [90.0, 80.0]
     assert forgetting([[50.0]]) == 0.0
+
+
+def test_tasks_without_test_images_are_no_score_not_zero():
+    """`slca continue` without the old data: the old tasks have no test images after the new task."""
+    counts = [{"correct": [9], "total": [10]}, {"correct": [6, 8], "total": [10, 10]},
+              {"correct": [0, 0, 7], "total": [0, 0, 10]}]
+    m = summarize(counts, 3)
+    assert m["accuracy_matrix"][2] == [None, None, 70.0]
+    assert m["old_accuracy"] == [None, 60.0, None] and m["task_accuracy"][2] == 70.0
+    assert m["forgetting"] is None  # no old task is scored after the last one: not measurable (it was 75 %)
+    assert forgetting([[90.0, None, None], [60.0, 80.0, None], [None, 50.0, 70.0]]) == 30.0  # task 1 left out
