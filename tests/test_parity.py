@@ -81,28 +81,35 @@ def single(tree, tmp_path_factory):
     return get
 
 
-def assert_same_run(one, two, rtol=1e-4, atol=1e-5):
-    """What two process counts must agree on: class order, task sizes, data checksum and test totals exactly,
-    the recorded training loss and every stored statistic (means, factors, drift maps, method state) to the tolerance, and the correct counts
-    within the near-tie tolerance `slca eval` states for runs whose arithmetic differs."""
+def assert_same_layout(one, two):
+    """What any two process counts agree on exactly: class order, task sizes, data checksum, test totals, the
+    task folders and the names and shapes of every stored tensor."""
     a, b = read_json(one / "config.json"), read_json(two / "config.json")
     for key in ("class_order", "task_sizes", "data_fingerprint"):
         assert a[key] == b[key], key
-    metrics_one, metrics_two = read_json(one / "metrics.json"), read_json(two / "metrics.json")
-    counts_one, counts_two = metrics_one["counts"], metrics_two["counts"]
+    counts_one, counts_two = read_json(one / "metrics.json")["counts"], read_json(two / "metrics.json")["counts"]
     assert [c["total"] for c in counts_one] == [c["total"] for c in counts_two]
-    # The recorded loss is the mean over all processes' images, not the main process's shard.
-    assert [len(t) for t in metrics_one["train_loss"]] == [len(t) for t in metrics_two["train_loss"]]
-    for x, y in zip(metrics_one["train_loss"], metrics_two["train_loss"]):
-        assert y == pytest.approx(x, rel=rtol, abs=atol)
-    for x, y in zip(counts_one, counts_two):
-        differing = sum(abs(i - j) for i, j in zip(x["correct"], y["correct"]))
-        assert differing <= near_tie_tolerance(sum(x["total"]), exact=False), (x, y)
     tasks = sorted(p.name for p in one.glob("task-*"))
     assert tasks == sorted(p.name for p in two.glob("task-*")) and tasks
     for task in tasks:
         x, y = load_file(str(one / task / "stats.safetensors")), load_file(str(two / task / "stats.safetensors"))
-        assert x.keys() == y.keys(), task
+        assert {k: v.shape for k, v in x.items()} == {k: v.shape for k, v in y.items()}, task
+
+
+def assert_same_run(one, two, rtol=1e-4, atol=1e-5):
+    """What two process counts must agree on: the layout exactly; the recorded training loss and every stored
+    statistic (means, factors, drift maps, method state) to the tolerance; the correct counts within the near-tie
+    tolerance `slca eval` states for runs whose arithmetic differs."""
+    assert_same_layout(one, two)
+    metrics_one, metrics_two = read_json(one / "metrics.json"), read_json(two / "metrics.json")
+    # The recorded loss is the mean over all processes' images, not the main process's shard.
+    for x, y in zip(metrics_one["train_loss"], metrics_two["train_loss"]):
+        assert y == pytest.approx(x, rel=rtol, abs=atol)
+    for x, y in zip(metrics_one["counts"], metrics_two["counts"]):
+        differing = sum(abs(i - j) for i, j in zip(x["correct"], y["correct"]))
+        assert differing <= near_tie_tolerance(sum(x["total"]), exact=False), (x, y)
+    for task in sorted(p.name for p in one.glob("task-*")):
+        x, y = load_file(str(one / task / "stats.safetensors")), load_file(str(two / task / "stats.safetensors"))
         for key in x:
             torch.testing.assert_close(y[key], x[key], rtol=rtol, atol=atol, msg=f"{task} {key}")
 
@@ -110,6 +117,9 @@ def assert_same_run(one, two, rtol=1e-4, atol=1e-5):
 # Methods whose backbone does not train by default: their features, hence class statistics, are the same in any
 # process layout up to float64 summation order.
 FROZEN = ("linear", "simplecil", "ranpac")
+# Methods whose adapters train with dropout: each process draws the masks of its own rows from its own generator,
+# so two processes train with other masks than one (README, "What holds for several processes"): layout only.
+DROPOUT = ("ease", "mos")
 
 
 @pytest.mark.parametrize("name", [n for n in RUNS if n.startswith("device-")])
@@ -117,6 +127,9 @@ def test_every_method_on_the_device_path_with_two_processes_equals_one(launched,
     """The same global batches, each image augmented alike under any process count: two processes train what one
     does up to float rounding (gradients averaged in another order)."""
     one, two = single(name), launched[name]
+    if name.replace("device-", "") in DROPOUT:
+        assert_same_layout(one, two)
+        return
     if name.replace("device-", "") in FROZEN:
         for task in ("task-01", "task-02"):
             x, y = (load_file(str(r / task / "stats.safetensors")) for r in (one, two))
