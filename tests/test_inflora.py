@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from torch import nn
 
 from conftest import REPO, assert_one_line_error, read_json
 from procs import Running, assert_kill_and_resume_match
@@ -202,20 +201,3 @@ def test_bad_inflora_flags_are_one_line_errors(cli, tmp_path, flags, fragment):
                           "--method", "inflora", *flags, "--out", tmp_path / "x")
     assert_one_line_error(code, stderr, fragment)
     assert not (tmp_path / "x").exists()
-
-
-def test_inflora_refuses_a_backbone_that_is_not_a_vit(cli, monkeypatch, tmp_path):
-    from slca_cli.backbones import BackboneSpec
-    from slca_cli.backbones.registry import _REGISTRY
-
-    def build(weights=None, pretrained=True):
-        model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        model.num_features = 8
-        return model
-
-    monkeypatch.setitem(_REGISTRY, "tiny-cnn-test", BackboneSpec(
-        name="tiny-cnn-test", build=build, description="test CNN", family="test", image_size=32,
-        mean=(0.5,) * 3, std=(0.5,) * 3))
-    code, _, stderr = cli("train", "--dataset", "synthetic", "--backbone", "tiny-cnn-test", "--method", "inflora",
-                          "--device", "cpu", "--tasks", 2, "--num-classes", 4, "--out", tmp_path / "x")
-    assert_one_line_error(code, stderr, "--method inflora needs a ViT backbone", "tiny-cnn-test")

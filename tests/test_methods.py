@@ -9,6 +9,7 @@ from torch import nn
 
 from conftest import TINY, assert_one_line_error, read_json
 from slca_cli.methods import method_names
+from slca_cli.methods.catalog import CATALOG
 
 SMALL = ["--tasks", 2, "--epochs", 1, "--num-classes", 4, "--train-per-class", 8, "--test-per-class", 4]
 METHODS = method_names()
@@ -129,7 +130,7 @@ def test_resume_of_a_prompt_method_gives_the_same_metrics(method_runs, tmp_path,
     assert read_json(copy / "metrics.json")["counts"] == straight["counts"]
 
 
-def test_prompt_methods_refuse_a_backbone_that_is_not_a_vit(cli, monkeypatch):
+def test_vit_methods_refuse_a_backbone_that_is_not_a_vit(cli, monkeypatch):
     from slca_cli.backbones import BackboneSpec
     from slca_cli.backbones.registry import _REGISTRY
 
@@ -141,7 +142,7 @@ def test_prompt_methods_refuse_a_backbone_that_is_not_a_vit(cli, monkeypatch):
     monkeypatch.setitem(_REGISTRY, "tiny-cnn-test", BackboneSpec(
         name="tiny-cnn-test", build=build, description="test CNN", family="test", image_size=32,
         mean=(0.5,) * 3, std=(0.5,) * 3))
-    for method in ("l2p", "dualprompt", "slca++", "coda-prompt", "ease"):
+    for method in [spec.name for spec in CATALOG if spec.needs_vit]:
         code, _, err = cli("train", "--dataset", "synthetic", "--backbone", "tiny-cnn-test", "--method", method,
                            "--device", "cpu", "--keep-norm", "--tasks", 2, "--num-classes", 4)
         assert_one_line_error(code, err, f"--method {method} needs a ViT backbone", "tiny-cnn-test")
