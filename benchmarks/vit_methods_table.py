@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import hashlib
 import json
 import os
 import resource
@@ -42,6 +41,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from benchmarks.common import CIFAR100_ARCHIVE, RESULTS, cpu_name  # noqa: E402
+from slca_cli import checkpoint  # noqa: E402
 
 # The SLCA paper's own baselines (lower bound, ablation, upper bound, heads only): not in the methods table.
 NOT_IN_TABLE = ("seqft", "sl", "joint", "linear")
@@ -103,20 +103,12 @@ def parse(argv: Optional[List[str]] = None) -> argparse.Namespace:
     return args
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def settings_of(args: argparse.Namespace) -> Dict[str, Any]:
     """What must be equal for two calls' rows to share a table."""
     return {"dataset": "synthetic" if args.smoke else "cifar100", "classes": args.classes, "tasks": args.tasks,
             "epochs": args.epochs, "train_per_class": args.train_per_class, "test_per_class": args.test_per_class,
             "seed": args.seed, "backbone": "vit-tiny-test",
-            "weights_sha256": sha256_file(Path(args.weights)) if args.weights else None}
+            "weights_sha256": checkpoint.sha256_file(Path(args.weights)) if args.weights else None}
 
 
 def data_flags(args: argparse.Namespace) -> List[str]:
