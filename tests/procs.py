@@ -60,6 +60,25 @@ class Running:
         return [l for l in self.lines if not l.startswith("slca-trace:")]
 
 
+# A 2-process gloo launch on the CPU, as a GPU user's `accelerate launch` (append "-m slca_cli ..." or a script).
+LAUNCH_TWO = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+
+
+def launch_two(*command):
+    """Run ``command`` (after the launcher) in 2 processes; fails the test with its stderr if it fails."""
+    proc = subprocess.run([*LAUNCH_TWO, *map(str, command)], capture_output=True, text=True, cwd=REPO,
+                          timeout=600, env=dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def train_with_two_processes(args, out):
+    """`slca train ARGS --out OUT` in 2 processes; returns the seed folder."""
+    launch_two("-m", "slca_cli", "train", *args, "--out", out)
+    return Path(out) / "seed-1993"
+
+
 def assert_kill_and_resume_match(straight_run, args, kill_at, result_keys):
     """SIGKILL a run of ``args`` where it logs ``stalled at KILL_AT``, then ``--resume`` it: the metrics
     (``result_keys``) and the sealed task states equal those of ``straight_run`` (its seed-1993 folder)."""

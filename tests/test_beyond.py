@@ -3,17 +3,14 @@
 The math against numpy / scikit-learn; each method through the whole CLI: train, SIGKILL + --resume (equal to a
 straight run bit for bit), eval, report, identity checks on --resume, the demo's --method, two processes."""
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, TINY, assert_one_line_error, read_json
-from procs import assert_evaluates_as_stored, assert_kill_and_resume_match, train_each
+from conftest import TINY, assert_one_line_error, read_json
+from procs import assert_evaluates_as_stored, assert_kill_and_resume_match, train_each, train_with_two_processes
 
 from slca_cli.closed_form import (RIDGE_GRID, cosine_prototypes, lda_classifier, oas_shrinkage, ridge_validation_errors,
                                   ridge_weights, select_ridge, shrink_class_covariances)
@@ -208,12 +205,7 @@ def test_demo_runs_the_chosen_methods(tmp_path, cli):
 
 def test_ranpac_with_two_processes_sums_the_gram_matrix_of_one(tmp_path):
     flags = [*TINY, *SMALL, "--train-per-class", 7, "--batch-size", 4, "--method", "ranpac", "--ranpac-dim", 48]
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "slca_cli"]
-    proc = subprocess.run([*launch, "train", *map(str, flags), "--out", str(tmp_path / "two")], capture_output=True,
-                          text=True, cwd=REPO, timeout=600,
-                          env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    train_with_two_processes(flags, tmp_path / "two")
     from conftest import Cli
     code, _, stderr = Cli()("train", *flags, "--out", tmp_path / "one")
     assert code == 0, stderr

@@ -3,18 +3,15 @@ numpy; through the whole CLI: train, `slca eval`, SIGKILL inside task 2 + --resu
 `slca report --paper`, `slca export`, two processes; bad flags, `slca continue` in one line (`slca predict`:
 tests/test_predict.py; a non-ViT backbone: tests/test_methods.py)."""
 import json
-import os
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, TINY, assert_one_line_error, read_json
-from procs import Running, assert_kill_and_resume_match
+from conftest import TINY, assert_one_line_error, read_json
+from procs import Running, assert_kill_and_resume_match, train_with_two_processes
 
 from slca_cli.methods.ease import (SubspaceNorm, class_tasks, complete_prototypes, prototype_heads,
                                    subspace_weights)
@@ -162,12 +159,7 @@ def test_export_asks_for_onnx_in_one_line(straight, tmp_path, cli):
 def test_ease_runs_with_two_processes(tmp_path, cli):
     """Each test image counted once over both processes, and the folder scores as stored with one process."""
     flags = [*TINY, *SMALL, "--train-per-class", 7, "--batch-size", 4, *EASE]
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "slca_cli"]
-    proc = subprocess.run([*launch, "train", *map(str, flags), "--out", str(tmp_path / "two")], capture_output=True,
-                          text=True, cwd=REPO, timeout=600,
-                          env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    train_with_two_processes(flags, tmp_path / "two")
     run = tmp_path / "two" / "seed-1993"
     assert [c["total"] for c in read_json(run / "metrics.json")["counts"]] == [[18], [18, 18]]
     code, stdout, stderr = cli("eval", run / "task-02", "--device", "cpu", "--no-progress", "--json")

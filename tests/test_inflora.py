@@ -3,9 +3,6 @@ whole CLI on the digit folders: train, SIGKILL inside task 2 + --resume (equal t
 `slca report`, `slca export` (the merged branch in a plain timm model) and `slca predict`, two processes; bad flags
 and a backbone that is not a ViT in one line."""
 import json
-import os
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import numpy as np
@@ -13,8 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, assert_one_line_error, read_json
-from procs import Running, assert_kill_and_resume_match
+from conftest import assert_one_line_error, read_json
+from procs import Running, assert_kill_and_resume_match, train_with_two_processes
 
 from slca_cli.methods.base import Stage1Inputs
 from slca_cli.methods.inflora import DOWN_SCALE, design_down, update_basis
@@ -169,12 +166,7 @@ def test_inflora_reports_exports_a_plain_timm_model_and_predicts(straight, digit
 
 
 def test_inflora_with_two_processes_designs_the_one_process_branch(straight, digit_folders, tmp_path):
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "slca_cli"]
-    proc = subprocess.run([*launch, "train", *map(str, FLAGS), "--data-root", str(digit_folders[0]), "--out",
-                           str(tmp_path / "two")], capture_output=True, text=True, cwd=REPO, timeout=600,
-                          env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    train_with_two_processes([*FLAGS, "--data-root", digit_folders[0]], tmp_path / "two")
     run = tmp_path / "two" / "seed-1993"
     assert [sum(c["total"]) for c in read_json(run / "metrics.json")["counts"]] == [16, 32]
     # Task 1's down-projection comes from the pre-trained ViT and the task's images alone: with the inputs summed

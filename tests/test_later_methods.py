@@ -4,10 +4,7 @@ Their math in small pieces; each through the whole CLI: train, `slca eval`, SIGK
 to a straight run bit for bit), `slca report --paper`; CoFiMA under two processes; bad flags and backbones in one
 line."""
 import json
-import os
 import shutil
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import pytest
@@ -16,7 +13,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from conftest import REPO, TINY, assert_one_line_error, read_json
-from procs import assert_evaluates_as_stored, assert_kill_and_resume_match, train_each
+from procs import assert_evaluates_as_stored, assert_kill_and_resume_match, launch_two, train_each
 
 from slca_cli.methods.base import Stage1Inputs
 from slca_cli.methods.coda import component_weights, gram_schmidt_rows, orthogonality_penalty
@@ -211,12 +208,7 @@ def two_processes(tmp_path_factory):
     plan = base / "plan.json"
     plan.write_text(json.dumps([[str(base / name), [str(a) for a in args], None]
                                 for name, args in TWO_PROCESS_RUNS.items()]))
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    proc = subprocess.run([*launch, str(REPO / "tests" / "launched_runs.py"), str(plan)], capture_output=True,
-                          text=True, cwd=REPO, timeout=600,
-                          env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    launch_two(REPO / "tests" / "launched_runs.py", plan)
     return base
 
 

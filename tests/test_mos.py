@@ -2,9 +2,6 @@
 `slca eval`, `slca predict`, SIGKILL inside task 2 + --resume (equal to a straight run), `slca report`, two
 processes, `slca export` refusing the plain format; bad flags and a non-ViT backbone in one line."""
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -13,8 +10,8 @@ from PIL import Image
 from safetensors.torch import load_file
 from torch import nn
 
-from conftest import REPO, TINY, assert_one_line_error, read_json
-from procs import Running, assert_kill_and_resume_match
+from conftest import TINY, assert_one_line_error, read_json
+from procs import Running, assert_kill_and_resume_match, train_with_two_processes
 
 from slca_cli import backbones
 from slca_cli.methods.adapters import adapted_blocks, adapter_parameters
@@ -173,12 +170,7 @@ def test_mos_runs_with_two_processes(tmp_path, cli):
     """Each test image counted once over both processes (the retrieval runs in each), and the folder scores as
     stored with one process; the separation loss sees the global batch (parity: tests/test_parity.py)."""
     flags = [*MOS, "--train-per-class", 7, "--batch-size", 4]
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "slca_cli"]
-    proc = subprocess.run([*launch, "train", *map(str, flags), "--out", str(tmp_path / "two")], capture_output=True,
-                          text=True, cwd=REPO, timeout=600,
-                          env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    train_with_two_processes(flags, tmp_path / "two")
     run = tmp_path / "two" / "seed-1993"
     assert [c["total"] for c in read_json(run / "metrics.json")["counts"]] == [[18], [18, 18]]
     code, stdout, stderr = cli("eval", run / "task-02", "--device", "cpu", "--no-progress", "--json")
